@@ -1,0 +1,151 @@
+"""Architecture of the encoder: one frozen dataclass and the named presets.
+
+Every variant of the BERT / XLM-RoBERTa / nomic-bert family that we support is a
+field here, not a copy of a module. `EncoderConfig.from_dict` rejects unknown
+keys by name, so a misspelt field in a config file fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Fields of the bidirectional MoE text encoder."""
+
+  vocab_size: int = 1024
+  hidden_size: int = 64  # D, the model width.
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256  # F, hidden width of the dense MLP and of each expert.
+  type_vocab_size: int = 1  # Token-type rows; 0 drops the table.
+  pad_token_id: int = 1  # XLM-R: <pad>=1; BERT: [PAD]=0.
+  # Positions: 'learned' absolute table or 'rotary' (no table).
+  position_embedding: str = "rotary"
+  max_position_embeddings: int = 512  # Size of the learned table.
+  # XLM-R numbers positions from pad_token_id + 1; BERT from 0.
+  position_offset: int = 0
+  rotary_base: float = 10_000.0
+  rotary_fraction: float = 1.0  # Share of each head's dims that rotate.
+  norm: str = "post"  # 'post' (BERT, nomic-bert) or 'pre'.
+  layer_norm_eps: float = 1e-5  # BERT: 1e-12; XLM-R and nomic: 1e-5.
+  mlp_activation: str = "gelu"  # Exact-erf 'gelu' or gated 'swiglu'.
+  qkv_bias: bool = True
+  mlp_bias: bool = True
+  # Mixture of experts: layer i is MoE when i % n == n - 1; 0 means dense.
+  moe_every_n_layers: int = 0
+  num_experts: int = 8  # E
+  top_k: int = 2  # K
+  renormalize_topk: bool = False  # Released model: off (megablocks default).
+  # Per-expert bias on w1 (upcycling a dense MLP with its biases kept).
+  expert_w1_bias: bool = False
+  moe_dispatch: str = "dropless"  # 'dropless' (sort + grouped matmul) or 'capacity'.
+  capacity_factor: float = 1.25  # Only for moe_dispatch='capacity'.
+  # Grouped-matmul kernel of the dropless path; 'auto' picks per backend.
+  grouped_matmul: str = "auto"
+  router_init_std: float = 0.02
+  initializer_range: float = 0.02
+  projection_dim: int = 0  # Optional linear head after pooling; 0 = none.
+  dtype: str = "float32"  # Compute dtype: 'float32' or 'bfloat16'.
+
+  def __post_init__(self):
+    _check_choice("position_embedding", self.position_embedding, ("learned", "rotary"))
+    _check_choice("norm", self.norm, ("post", "pre"))
+    _check_choice("mlp_activation", self.mlp_activation, ("gelu", "swiglu"))
+    _check_choice("moe_dispatch", self.moe_dispatch, ("dropless", "capacity"))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not divisible by "
+          f"num_heads={self.num_heads}.")
+    if self.moe_every_n_layers < 0:
+      raise ValueError(f"moe_every_n_layers={self.moe_every_n_layers} must be >= 0.")
+    if self.moe_every_n_layers and not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(
+          f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}.")
+    if self.position_embedding == "rotary":
+      rot = int(self.head_dim * self.rotary_fraction)
+      if rot % 2 or rot <= 0:
+        raise ValueError(
+            f"rotary_fraction={self.rotary_fraction} of head_dim={self.head_dim} "
+            f"gives {rot} rotary dims; it must be a positive even number.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def embedding_dim(self) -> int:
+    """Width of the pooled embedding (before any Matryoshka truncation)."""
+    return self.projection_dim or self.hidden_size
+
+  def is_moe_layer(self, i: int) -> bool:
+    n = self.moe_every_n_layers
+    return bool(n) and i % n == n - 1
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  def replace(self, **changes: Any) -> "EncoderConfig":
+    _check_keys(changes)
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> "EncoderConfig":
+    fields = dict(fields)
+    _check_keys(fields)
+    return cls(**fields)
+
+
+def _field_names() -> list[str]:
+  return [f.name for f in dataclasses.fields(EncoderConfig)]
+
+
+def _check_keys(fields: Mapping[str, Any]) -> None:
+  names = _field_names()
+  for key in fields:
+    if key not in names:
+      close = difflib.get_close_matches(key, names, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise KeyError(f"Unknown encoder config field {key!r}.{hint}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is not one of {choices}.")
+
+
+# Named architectures. `tiny` trains on a laptop CPU in seconds; `minilm` has the
+# dimensions of all-MiniLM-L6-v2; `nomic_v2_moe` is nomic-embed-text-v2-moe.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=4096, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128,
+        type_vocab_size=1, pad_token_id=0, position_embedding="rotary",
+        layer_norm_eps=1e-5, moe_every_n_layers=2, num_experts=8, top_k=2,
+    ),
+    "minilm": dict(
+        vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, mlp_dim=1536,
+        type_vocab_size=2, pad_token_id=0, position_embedding="learned",
+        max_position_embeddings=512, position_offset=0, layer_norm_eps=1e-12,
+        moe_every_n_layers=0,
+    ),
+    "nomic_v2_moe": dict(
+        vocab_size=250_048, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+        type_vocab_size=1, pad_token_id=1, position_embedding="rotary",
+        rotary_base=10_000.0, rotary_fraction=1.0, norm="post", layer_norm_eps=1e-5,
+        moe_every_n_layers=2, num_experts=8, top_k=2, renormalize_topk=False,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> EncoderConfig:
+  """Returns the named architecture with `overrides` applied."""
+  if name not in PRESETS:
+    raise KeyError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+  return EncoderConfig.from_dict({**PRESETS[name], **overrides})

