@@ -1,0 +1,118 @@
+"""The MoE text encoder and the embedding model built on it.
+
+`Encoder` maps token ids [B, L] to hidden states [B, L, D]; layer i uses a routed
+`MoeMlp` in place of the dense MLP when `config.is_moe_layer(i)`.
+`EmbeddingModel` mean-pools the non-padding tokens, optionally projects, and
+L2-normalises: the text embedding [B, d].
+Both return `(output, aux)`, where aux maps 'layer_{i}' of every MoE layer to its
+router metrics (losses and expert usage); the train step adds the losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_embed import pooling
+from moe_embed.layers import Embeddings, Mlp, SelfAttention, dtype_of, layer_norm, normal_init
+from moe_embed.model_config import EncoderConfig
+from moe_embed.moe import MoeMlp
+
+Aux = dict[str, dict[str, jax.Array]]
+
+
+class Block(nn.Module):
+  """One transformer layer, post-norm (BERT, nomic-bert) or pre-norm."""
+
+  config: EncoderConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x: [B, L, D], mask: bool [B, L] -> ([B, L, D], router metrics or {})."""
+    cfg = self.config
+    attn = SelfAttention(cfg, name="attention")
+    attn_norm = layer_norm(cfg, "attention_norm")
+    mlp_norm = layer_norm(cfg, "mlp_norm")
+    if self.moe:
+      mlp = MoeMlp(cfg, name="mlp")
+      run_mlp = lambda h: mlp(h, mask)
+    else:
+      mlp = Mlp(cfg, name="mlp")
+      run_mlp = lambda h: (mlp(h), {})
+    if cfg.norm == "post":
+      h = attn_norm(x + attn(x, mask))
+      y, metrics = run_mlp(h)
+      out = mlp_norm(h + y)
+    else:
+      h = x + attn(attn_norm(x), mask)
+      y, metrics = run_mlp(mlp_norm(h))
+      out = h + y
+    out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    return out, metrics
+
+
+class Encoder(nn.Module):
+  """Embeddings followed by `num_layers` blocks; returns hidden states and router aux."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, ids: jax.Array, mask: jax.Array,
+               token_type_ids: Optional[jax.Array] = None) -> tuple[jax.Array, Aux]:
+    """ids: int [B, L], mask: [B, L] (nonzero = real token) -> ([B, L, D], aux)."""
+    cfg = self.config
+    mask = mask.astype(bool)
+    x = Embeddings(cfg, name="embeddings")(ids, token_type_ids)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+    aux: Aux = {}
+    for i in range(cfg.num_layers):
+      moe = cfg.is_moe_layer(i)
+      x, metrics = block_cls(cfg, moe=moe, name=f"layer_{i}")(x, mask)
+      if moe:
+        aux[f"layer_{i}"] = metrics
+    if cfg.norm == "pre":
+      x = layer_norm(cfg, "final_norm")(x)
+    return x, aux
+
+
+class EmbeddingModel(nn.Module):
+  """Text embeddings: encoder, masked mean pooling, optional projection, L2 norm."""
+
+  config: EncoderConfig
+
+  def setup(self):
+    self.encoder = Encoder(self.config)
+    if self.config.projection_dim:
+      self.projection = nn.Dense(
+          self.config.projection_dim, use_bias=False, dtype=jnp.float32,
+          param_dtype=jnp.float32,
+          kernel_init=normal_init(self.config, ("embed", None)))
+
+  def __call__(self, ids: jax.Array, mask: jax.Array,
+               token_type_ids: Optional[jax.Array] = None) -> tuple[jax.Array, Aux]:
+    """ids: int [B, L], mask: [B, L] -> (unit-norm float32 [B, d], aux)."""
+    hidden, aux = self.encoder(ids, mask, token_type_ids)
+    pooled = pooling.mean_pool(hidden, mask)  # [B, D] float32
+    if self.config.projection_dim:
+      pooled = self.projection(pooled)
+    return pooling.l2_normalize(pooled), aux
+
+
+def init_params(config: EncoderConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+  """Initialises EmbeddingModel parameters (boxed with logical axis names)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return EmbeddingModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+def router_losses(aux: Aux) -> tuple[jax.Array, jax.Array]:
+  """Mean load-balancing and z-loss over MoE layers (zeros for a dense model)."""
+  if not aux:
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+  lb = jnp.mean(jnp.stack([m["load_balancing_loss"] for m in aux.values()]))
+  z = jnp.mean(jnp.stack([m["router_z_loss"] for m in aux.values()]))
+  return lb, z

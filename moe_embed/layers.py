@@ -1,0 +1,156 @@
+"""Dense building blocks of the encoder: embeddings, rotary positions, attention, MLP.
+
+Axis letters: B batch, L sequence, D model width, H heads, Dh head dim, F MLP width.
+Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'mlp')
+that `moe_embed.partitioning` maps onto mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_embed.model_config import EncoderConfig
+
+
+def dtype_of(config: EncoderConfig) -> jnp.dtype:
+  return jnp.dtype(config.dtype)
+
+
+def normal_init(config: EncoderConfig, names: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(
+      nn.initializers.normal(config.initializer_range), names)
+
+
+def zeros_init(names: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def layer_norm(config: EncoderConfig, name: str) -> nn.LayerNorm:
+  """LayerNorm with float32 statistics and parameters; output in compute dtype."""
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps, dtype=dtype_of(config), param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=zeros_init(("embed",)), name=name)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as BERT, XLM-R and nomic-bert use."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class Embeddings(nn.Module):
+  """Word + token-type (+ learned absolute position) embeddings, then LayerNorm."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, ids: jax.Array, token_type_ids: Optional[jax.Array] = None) -> jax.Array:
+    """ids: int [B, L] -> [B, L, D] in the compute dtype."""
+    cfg = self.config
+    dtype = dtype_of(cfg)
+    x = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+        embedding_init=normal_init(cfg, ("vocab", "embed")), name="word_embeddings")(ids)
+    if cfg.type_vocab_size:
+      if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(ids)
+      x = x + nn.Embed(
+          cfg.type_vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+          embedding_init=normal_init(cfg, (None, "embed")),
+          name="token_type_embeddings")(token_type_ids)
+    if cfg.position_embedding == "learned":
+      length = ids.shape[1]
+      if length + cfg.position_offset > cfg.max_position_embeddings:
+        raise ValueError(
+            f"Sequence length {length} (+ position_offset {cfg.position_offset}) exceeds "
+            f"max_position_embeddings={cfg.max_position_embeddings}; truncate inputs "
+            "to fit.")
+      # XLM-R numbers real tokens from pad_token_id + 1; with right padding that
+      # is arange + offset for every non-padding token.
+      positions = jnp.arange(length)[None, :] + cfg.position_offset
+      x = x + nn.Embed(
+          cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
+          param_dtype=jnp.float32, embedding_init=normal_init(cfg, (None, "embed")),
+          name="position_embeddings")(positions)
+    return layer_norm(cfg, "layer_norm")(x)
+
+
+def rotary_tables(length: int, rot_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin tables [L, rot_dim] (float32) for GPT-NeoX style (half-split) rotary."""
+  inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [L, rot/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)  # [L, rot]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates the first rot_dim features of x [B, L, H, Dh] (non-interleaved halves)."""
+  rot_dim = cos.shape[-1]
+  x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+  xf = x_rot.astype(jnp.float32)
+  half = rot_dim // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  out = (xf * cos + rotated * sin).astype(x.dtype)
+  return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+class SelfAttention(nn.Module):
+  """Bidirectional multi-head self-attention with a key padding mask."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, L, D], mask: bool [B, L] (True = real token) -> [B, L, D]."""
+    cfg = self.config
+    dtype = dtype_of(cfg)
+
+    def proj(name):
+      return nn.DenseGeneral(
+          features=(cfg.num_heads, cfg.head_dim), axis=-1, use_bias=cfg.qkv_bias,
+          dtype=dtype, param_dtype=jnp.float32,
+          kernel_init=normal_init(cfg, ("embed", "heads", "kv")),
+          bias_init=zeros_init(("heads", "kv")), name=name)(x)
+
+    q, k, v = proj("query"), proj("key"), proj("value")  # [B, L, H, Dh]
+    if cfg.position_embedding == "rotary":
+      rot_dim = int(cfg.head_dim * cfg.rotary_fraction)
+      cos, sin = rotary_tables(x.shape[1], rot_dim, cfg.rotary_base)
+      q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]: every query sees the real keys.
+    out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)  # [B, L, H, Dh]
+    return nn.DenseGeneral(
+        features=cfg.hidden_size, axis=(-2, -1), use_bias=True, dtype=dtype,
+        param_dtype=jnp.float32, kernel_init=normal_init(cfg, ("heads", "kv", "embed")),
+        bias_init=zeros_init(("embed",)), name="out")(out)
+
+
+class Mlp(nn.Module):
+  """Dense MLP: fc2(gelu(fc1 x)), or fc2(silu(fc1 x) * gate x) for SwiGLU."""
+
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]."""
+    cfg = self.config
+    dtype = dtype_of(cfg)
+
+    def dense(features, names, name):
+      return nn.Dense(
+          features, use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=jnp.float32,
+          kernel_init=normal_init(cfg, names), bias_init=zeros_init(names[-1:]),
+          name=name)
+
+    h = dense(cfg.mlp_dim, ("embed", "mlp"), "fc1")(x)  # [B, L, F]
+    if cfg.mlp_activation == "swiglu":
+      h = jax.nn.silu(h) * dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
+    else:
+      h = gelu(h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return dense(cfg.hidden_size, ("mlp", "embed"), "fc2")(h)

@@ -1,0 +1,28 @@
+"""Pooling and normalisation of embeddings, including Matryoshka truncation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over non-padding tokens: hidden [B, L, D], mask [B, L] -> float32 [B, D]."""
+  weights = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+  summed = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)
+  count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+  return summed / count
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Unit L2 norm along the last axis (float32)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def matryoshka(x: jax.Array, dim: int) -> jax.Array:
+  """First `dim` features of x [..., D], re-normalised to unit length."""
+  if not 0 < dim <= x.shape[-1]:
+    raise ValueError(
+        f"Matryoshka dim {dim} must be between 1 and the embedding width {x.shape[-1]}.")
+  return l2_normalize(x[..., :dim])
