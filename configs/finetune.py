@@ -1,0 +1,33 @@
+"""Finetuning with hard negatives (stage 2 of the recipe).
+
+  python launch/train.py --config=configs/finetune.py:tiny --workdir=/tmp/ft
+  python launch/train.py --config=configs/finetune.py:model=/path/to/upcycled \
+      --config.data=/path/to/triplets --workdir=gs://bucket/ft
+
+Arguments: a preset ('tiny', 'minilm', 'nomic_v2_moe') or `model=PATH`, plus
+`steps=N`. The recipe: batch 256, lr 2e-5, 400 warmup steps, linear decay,
+10 hard negatives per query, sequence length 512, no load-balancing loss.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, model="tiny", steps=0)
+  c = common.base_config(args.model)
+  c.input.max_query_len = 512
+  c.input.max_doc_len = 512
+  c.input.num_negatives = 10
+  c.batch_size = 256
+  c.total_steps = 2000
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.warmup_steps = 400
+  c.optimizer.decay = "linear"
+  c.loss.temperature = 0.02
+  c.loss.load_balancing_coef = 0.0
+  if args.model == "tiny":
+    common.apply_tiny(c)
+    c.input.num_negatives = 0  # The embedded stdlib pairs carry no mined negatives.
+  if args.steps:
+    c.total_steps = args.steps
+  return c

@@ -1,0 +1,49 @@
+"""Trains a MoE text embedding model with InfoNCE.
+
+  python launch/train.py --config=configs/finetune.py:tiny --workdir=/tmp/moe_embed_tiny
+  python launch/train.py --config=configs/pretrain.py:nomic_v2_moe --workdir=gs://b/run \
+      --config.mesh.expert=4 --config.batch_size=4096
+
+Rerunning the same command on the same workdir resumes from its latest checkpoint.
+On a TPU pod slice or a multi-process GPU job, pass --distributed (or set
+MOE_EMBED_DISTRIBUTED=1) to call jax.distributed.initialize() first.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/finetune.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard and config.json.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", os.environ.get("MOE_EMBED_DISTRIBUTED", "") == "1",
+    "Call jax.distributed.initialize() (TPU pods, SLURM, multi-process GPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).",
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  from moe_embed import trainer
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except trainer.ConfigError as e:
+    sys.exit(f"Config error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

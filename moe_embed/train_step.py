@@ -1,0 +1,243 @@
+"""The contrastive train step: embeddings, loss, GradCache, optimizer update.
+
+A batch is a dict of global arrays (leading axis B, sharded over the mesh):
+'query_ids'/'query_mask' [B, Lq], 'doc_ids'/'doc_mask' [B, Ld] and, with hard
+negatives, 'neg_ids'/'neg_mask' [B, N, Ld]. Queries are embedded in one
+forward call, positives and negatives together in a second one.
+
+`train_step` is pure: (state, batch) -> (state, metrics). With
+`grad_cache_chunk` it runs GradCache: embed every chunk without gradients,
+take the loss gradient with respect to the embeddings, then re-embed each
+chunk with gradients and back-propagate the cached embedding gradients, so
+the negatives span the whole global batch while activations are held for one
+chunk at a time. The router losses are added in the re-forward pass through
+their additive statistics (`router_stats`), so its gradients equal the plain
+step's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moe_embed import router_stats
+from moe_embed.encoder import EmbeddingModel
+from moe_embed.model_config import EncoderConfig
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint restores besides the data position."""
+
+  step: jax.Array  # int32 scalar
+  params: Any  # {'model': encoder params, 'log_temperature': float32 scalar}
+  opt_state: Any
+  rng: jax.Array  # uint32 [2], a raw PRNG key; folded with the step when used
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What the loss needs to know; built from `config.loss` and `config.grad_cache_chunk`."""
+
+  temperature: float = 0.02
+  learn_temperature: bool = False
+  symmetric: bool = False
+  matryoshka_dims: tuple[int, ...] = ()
+  matryoshka_weights: tuple[float, ...] = ()
+  load_balancing_coef: float = 1.0
+  z_loss_coef: float = 0.0
+  grad_cache_chunk: int = 0  # 0 = plain step.
+
+
+def embed_batch(model: EmbeddingModel, model_params: Any, batch: Batch):
+  """-> (q [B, d], p [B, d], negatives [B, N, d] or None, router stats)."""
+  q, aux_q = model.apply({"params": model_params}, batch["query_ids"], batch["query_mask"])
+  doc_ids, doc_mask = batch["doc_ids"][:, None], batch["doc_mask"][:, None]
+  num_neg = 0
+  if "neg_ids" in batch:
+    num_neg = batch["neg_ids"].shape[1]
+    doc_ids = jnp.concatenate([doc_ids, batch["neg_ids"]], axis=1)  # [B, 1+N, Ld]
+    doc_mask = jnp.concatenate([doc_mask, batch["neg_mask"]], axis=1)
+  b, group, length = doc_ids.shape
+  d, aux_d = model.apply(
+      {"params": model_params}, doc_ids.reshape(b * group, length),
+      doc_mask.reshape(b * group, length))
+  d = d.reshape(b, group, -1)
+  negatives = d[:, 1:] if num_neg else None
+  return q, d[:, 0], negatives, router_stats.add_stats([aux_q, aux_d])
+
+
+def temperature_of(params: Any, cfg: LossConfig) -> jax.Array:
+  if cfg.learn_temperature:
+    return jnp.exp(params["log_temperature"])
+  return jnp.asarray(cfg.temperature, jnp.float32)
+
+
+def contrastive_loss(q, p, negatives, temperature, cfg: LossConfig) -> jax.Array:
+  from moe_embed import losses  # Small module; keeps this file's imports about the step.
+  return losses.matryoshka_info_nce(
+      q, p, negatives, temperature, cfg.matryoshka_dims, cfg.matryoshka_weights,
+      cfg.symmetric)
+
+
+def _in_batch_accuracy(q, p) -> jax.Array:
+  """Share of queries whose positive scores highest among all positives."""
+  return jnp.mean(jnp.argmax(q @ p.T, axis=-1) == jnp.arange(q.shape[0]))
+
+
+def _aux_loss(stats, total, cfg: LossConfig, top_k: int):
+  lb, z = router_stats.router_losses(stats, total, top_k)
+  return cfg.load_balancing_coef * lb + cfg.z_loss_coef * z, (lb, z)
+
+
+def plain_loss_and_grads(model, config: EncoderConfig, cfg: LossConfig, params, batch):
+  """Loss, metrics and gradients of the whole global batch in one pass."""
+
+  def loss_fn(params):
+    q, p, n, stats = embed_batch(model, params["model"], batch)
+    temperature = temperature_of(params, cfg)
+    contrastive = contrastive_loss(q, p, n, temperature, cfg)
+    aux, (lb, z) = _aux_loss(stats, None, cfg, config.top_k)
+    extras = dict(contrastive_loss=contrastive, load_balancing_loss=lb, router_z_loss=z,
+                  aux_loss=aux, accuracy=_in_batch_accuracy(q, p), stats=stats)
+    return contrastive + aux, extras
+
+  (loss, extras), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, extras, grads
+
+
+def split_chunks(x: jax.Array, num_chunks: int, shards: int) -> jax.Array:
+  """[B, ...] -> [num_chunks, B / num_chunks, ...], each chunk drawn from every shard.
+
+  The batch is sharded in `shards` contiguous blocks; chunk j takes the j-th
+  slice of every block, so each device embeds its own rows. The resulting
+  order is a consistent permutation of the batch, which InfoNCE is invariant to.
+  """
+  b = x.shape[0]
+  per_shard_chunk = b // (shards * num_chunks)
+  x = x.reshape(shards, num_chunks, per_shard_chunk, *x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(num_chunks, shards * per_shard_chunk, *x.shape[3:])
+
+
+def grad_cache_loss_and_grads(model, config: EncoderConfig, cfg: LossConfig, params,
+                              batch, shards: int, constrain: Callable[[Any], Any]):
+  """GradCache: the same loss and gradients as the plain step, one chunk in memory."""
+  b = batch["query_ids"].shape[0]
+  num_chunks = b // cfg.grad_cache_chunk
+  chunks = jax.tree.map(lambda x: split_chunks(x, num_chunks, shards), batch)
+
+  # Pass 1: embeddings of every chunk, no gradients kept.
+  def embed_chunk(chunk):
+    q, p, n, stats = embed_batch(model, params["model"], constrain(chunk))
+    return q, p, n, stats
+
+  q, p, n, stats = jax.lax.map(embed_chunk, chunks)
+  total_stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+  flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
+
+  def embedding_loss(embeddings, log_temperature):
+    q_, p_, n_ = embeddings
+    temperature = temperature_of({"log_temperature": log_temperature}, cfg)
+    return contrastive_loss(flat(q_), flat(p_), flat(n_), temperature, cfg)
+
+  contrastive, (emb_grads, temp_grad) = jax.value_and_grad(embedding_loss, argnums=(0, 1))(
+      (q, p, n), params["log_temperature"])
+
+  # Pass 2: re-embed each chunk with gradients; push the cached embedding
+  # gradients through it, plus the chunk's share of the router losses.
+  def chunk_grads(acc, xs):
+    chunk, gq, gp, gn = xs
+
+    def surrogate(model_params):
+      cq, cp, cn, cstats = embed_batch(model, model_params, constrain(chunk))
+      value = jnp.vdot(cq, gq) + jnp.vdot(cp, gp)
+      if cn is not None:
+        value += jnp.vdot(cn, gn)
+      aux, _ = _aux_loss(cstats, total_stats, cfg, config.top_k)
+      return value + aux
+
+    g = jax.grad(surrogate)(params["model"])
+    return jax.tree.map(jnp.add, acc, g), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params["model"])
+  gq, gp, gn = emb_grads
+  model_grads, _ = jax.lax.scan(chunk_grads, zeros, (chunks, gq, gp, gn))
+  grads = {"model": model_grads, "log_temperature": temp_grad}
+
+  aux, (lb, z) = _aux_loss(total_stats, None, cfg, config.top_k)
+  extras = dict(contrastive_loss=contrastive, load_balancing_loss=lb, router_z_loss=z,
+                aux_loss=aux, accuracy=_in_batch_accuracy(flat(q), flat(p)),
+                stats=total_stats)
+  return contrastive + aux, extras, grads
+
+
+def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformation,
+                    cfg: LossConfig, schedule: Callable[[jax.Array], jax.Array],
+                    shards: int = 1, constrain: Callable[[Any], Any] = lambda x: x):
+  """Returns the pure train_step(state, batch) -> (state, metrics)."""
+  config = model.config
+
+  def train_step(state: TrainState, batch: Batch):
+    params = state.params
+    if not cfg.learn_temperature:
+      params = {**params, "log_temperature": jax.lax.stop_gradient(params["log_temperature"])}
+    if cfg.grad_cache_chunk:
+      loss, extras, grads = grad_cache_loss_and_grads(
+          model, config, cfg, params, batch, shards, constrain)
+    else:
+      loss, extras, grads = plain_loss_and_grads(model, config, cfg, params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    stats = extras.pop("stats")
+    metrics = dict(
+        loss=loss, **extras, grad_norm=optax.global_norm(grads),
+        lr=schedule(state.step), temperature=temperature_of(new_params, cfg),
+        tokens=(jnp.sum(batch["query_mask"]) + jnp.sum(batch["doc_mask"])
+                + (jnp.sum(batch["neg_mask"]) if "neg_mask" in batch else 0)),
+        **router_stats.usage_metrics(stats, config.top_k))
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_optimizer(total_steps: int, learning_rate: float, warmup_steps: int,
+                   decay: str = "linear", end_lr_fraction: float = 0.0,
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, clip_grad_norm: float = 1.0):
+  """AdamW with warmup then linear or cosine decay; no decay on norms, biases, scalars.
+
+  Returns (optimizer, schedule).
+  """
+  if decay not in ("linear", "cosine", "constant"):
+    raise ValueError(f"optimizer.decay={decay!r} must be 'linear', 'cosine' or 'constant'.")
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup_steps, 1)
+  end = learning_rate * end_lr_fraction
+  if decay == "linear":
+    tail = optax.linear_schedule(learning_rate, end, decay_steps)
+  elif decay == "cosine":
+    tail = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_fraction)
+  else:
+    tail = optax.constant_schedule(learning_rate)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup_steps), tail], [warmup_steps])
+
+  def decay_mask(params):
+    # Matrices and embedding tables decay; LayerNorm scales, biases and scalars do not.
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+  tx = optax.chain(
+      optax.clip_by_global_norm(clip_grad_norm) if clip_grad_norm else optax.identity(),
+      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                  mask=decay_mask))
+  return tx, schedule
