@@ -1,0 +1,119 @@
+"""Train step: sharded vs single-device loss and gradients, GradCache vs plain step."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_embed import model_config, partitioning
+from moe_embed import train_step as step_lib
+from moe_embed.encoder import EmbeddingModel, init_params
+
+
+def _batch(config, b=16, n=2, lq=8, ld=12, seed=0):
+  rng = np.random.default_rng(seed)
+
+  def texts(shape, length):
+    ids = rng.integers(4, config.vocab_size, size=(*shape, length)).astype(np.int32)
+    lengths = rng.integers(2, length + 1, size=shape)
+    mask = np.arange(length) < lengths[..., None]
+    return np.where(mask, ids, config.pad_token_id).astype(np.int32), mask
+
+  batch = {}
+  batch["query_ids"], batch["query_mask"] = texts((b,), lq)
+  batch["doc_ids"], batch["doc_mask"] = texts((b,), ld)
+  if n:
+    batch["neg_ids"], batch["neg_mask"] = texts((b, n), ld)
+  return batch
+
+
+def _setup(**loss_kwargs):
+  config = model_config.preset("tiny", vocab_size=512)
+  model = EmbeddingModel(config)
+  params = {"model": nn.meta.unbox(init_params(config, jax.random.PRNGKey(0))),
+            "log_temperature": jnp.asarray(np.log(0.05), jnp.float32)}
+  cfg = step_lib.LossConfig(**loss_kwargs)
+  return config, model, params, cfg
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _plain(model, config, cfg, params, batch):
+  fn = jax.jit(lambda p, b: step_lib.plain_loss_and_grads(model, config, cfg, p, b))
+  loss, extras, grads = fn(params, batch)
+  return loss, extras, grads
+
+
+def test_sharded_loss_and_grads_equal_single_device_with_hard_negatives():
+  config, model, params, cfg = _setup(learn_temperature=True, load_balancing_coef=1.0,
+                                      z_loss_coef=1e-3)
+  batch = _batch(config, n=2)
+  loss1, extras1, grads1 = _plain(model, config, cfg, params, batch)
+
+  mesh = partitioning.make_mesh(data=8, expert=1)
+  rules = partitioning.DEFAULT_RULES
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+  sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
+  with mesh, nn.logical_axis_rules(rules):
+    loss8, extras8, grads8 = _plain(model, config, cfg, sharded_params, sharded_batch)
+  assert len(sharded_batch["query_ids"].sharding.device_set) == 8
+  np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+  np.testing.assert_allclose(float(extras8["load_balancing_loss"]),
+                             float(extras1["load_balancing_loss"]), rtol=1e-5)
+  _assert_trees_close(grads8, grads1)
+
+
+@pytest.mark.parametrize("shards,chunk", [(1, 4), (8, 8)])
+def test_grad_cache_gradients_equal_plain_step(shards, chunk):
+  """GradCache with Matryoshka, router losses and a learned temperature == plain step."""
+  config, model, params, cfg = _setup(
+      learn_temperature=True, symmetric=True, matryoshka_dims=(64, 16),
+      matryoshka_weights=(1.0, 0.5), load_balancing_coef=1.0, z_loss_coef=1e-3)
+  batch = _batch(config, n=2, seed=3)
+  loss1, extras1, grads1 = _plain(model, config, cfg, params, batch)
+  gc_cfg = step_lib.LossConfig(**{**cfg.__dict__, "grad_cache_chunk": chunk})
+  mesh = partitioning.make_mesh(data=shards, expert=1, devices=jax.devices()[:shards])
+  rules = partitioning.DEFAULT_RULES
+  sharding = partitioning.batch_sharding(mesh, rules)
+  constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), t)
+  fn = jax.jit(lambda p, b: step_lib.grad_cache_loss_and_grads(
+      model, config, gc_cfg, p, b, shards, constrain))
+  with mesh, nn.logical_axis_rules(rules):
+    batch_dev = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    loss2, extras2, grads2 = fn(jax.device_put(params, NamedSharding(mesh, P())), batch_dev)
+  np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-5)
+  for key in ("contrastive_loss", "load_balancing_loss", "router_z_loss"):
+    np.testing.assert_allclose(float(extras2[key]), float(extras1[key]), rtol=1e-5)
+  assert float(extras1["load_balancing_loss"]) > 0.5  # The router losses are really present.
+  assert np.any(np.asarray(grads1["model"]["encoder"]["layer_1"]["mlp"]["router"]["kernel"]))
+  _assert_trees_close(grads2, grads1, rtol=1e-5, atol=1e-6)
+
+
+def test_split_chunks_takes_every_shard():
+  x = np.arange(16)
+  chunks = np.asarray(step_lib.split_chunks(jnp.asarray(x), num_chunks=2, shards=4))
+  # 4 shards of 4 rows; chunk 0 takes the first 2 rows of each shard.
+  np.testing.assert_array_equal(chunks[0], [0, 1, 4, 5, 8, 9, 12, 13])
+  np.testing.assert_array_equal(np.sort(chunks.ravel()), x)
+
+
+def test_optimizer_decays_matrices_only_and_warms_up():
+  tx, schedule = step_lib.make_optimizer(100, 1e-3, 10, weight_decay=0.5)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(55)), 0.5e-3, rtol=1e-6)
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  for _ in range(11):
+    updates, state = tx.update(zero, state, params)
+  assert np.all(np.asarray(updates["w"]) < 0) and np.all(np.asarray(updates["b"]) == 0)
