@@ -1,0 +1,140 @@
+"""Grouped matrix multiplication for the dropless MoE path.
+
+Rows of `lhs` are grouped by expert: group e occupies rows
+[tile_start[e] * tile, tile_end[e] * tile) of a buffer whose groups are padded
+to a multiple of `tile` rows (zeros in the padding), and is multiplied by
+`rhs[e]`. Axis letters: P buffer rows, D input width, F output width, E experts.
+
+Two kernels, chosen per backend (`kernel_for_backend`):
+- 'tiled': for each expert, a loop over its row tiles with that expert's
+  weights (one weight slice per expert, no per-tile weight copies) and a custom
+  VJP of the same form. On CPU it runs within ~1.5x of a dense matmul of equal
+  FLOPs, where `jax.lax.ragged_dot` runs ~8x slower (benchmarks/moe_layer.py).
+- 'ragged_dot': `jax.lax.ragged_dot` on unpadded groups (tile = 1); GPU and TPU
+  lower it to grouped kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ("tiled", "ragged_dot")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+  """Where each expert's rows live in the grouped buffer."""
+
+  tile_start: jax.Array  # int32 [E], first tile of group e.
+  tile_end: jax.Array  # int32 [E], one past its last tile.
+  group_sizes: jax.Array  # int32 [E], real rows (before tile padding).
+  num_rows: int = dataclasses.field(metadata=dict(static=True))  # P, static.
+  tile: int = dataclasses.field(metadata=dict(static=True))
+
+
+def kernel_for_backend(name: str, backend: str | None = None) -> str:
+  """Resolves 'auto' to the kernel measured fastest on the backend."""
+  if name == "auto":
+    backend = backend or jax.default_backend()
+    return "tiled" if backend == "cpu" else "ragged_dot"
+  if name not in KERNELS:
+    raise ValueError(f"grouped_matmul={name!r} is not one of {('auto',) + KERNELS}.")
+  return name
+
+
+def default_tile(num_assignments: int, num_experts: int, kernel: str) -> int:
+  """Rows per tile: ~1/8 of an average group, between 64 and 512 (1 for ragged_dot)."""
+  if kernel == "ragged_dot":
+    return 1
+  target = max(num_assignments // (num_experts * 8), 1)
+  return int(min(512, max(64, 2 ** round(math.log2(target)))))
+
+
+def make_layout(group_sizes: jax.Array, num_assignments: int, tile: int) -> GroupLayout:
+  """Layout for `num_assignments` rows split into groups of `group_sizes` [E]."""
+  num_experts = group_sizes.shape[0]
+  tiles = (group_sizes + tile - 1) // tile
+  tile_end = jnp.cumsum(tiles).astype(jnp.int32)
+  num_rows = (-(-num_assignments // tile) + (num_experts if tile > 1 else 0)) * tile
+  return GroupLayout(tile_end - tiles.astype(jnp.int32), tile_end,
+                     group_sizes.astype(jnp.int32), num_rows, tile)
+
+
+def row_positions(expert_ids: jax.Array, valid: jax.Array, layout: GroupLayout,
+                  num_experts: int) -> jax.Array:
+  """Buffer row of each assignment (a counting sort by expert); invalid -> num_rows.
+
+  expert_ids, valid: [M]. Assignments keep their order within an expert.
+  """
+  one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32) * valid[:, None]
+  rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=-1)  # [M]
+  start = layout.tile_start[expert_ids] * layout.tile
+  return jnp.where(valid, start + rank, layout.num_rows)
+
+
+def expert_of_row(layout: GroupLayout) -> jax.Array:
+  """int32 [P]: the expert whose group holds each buffer row (clipped to E-1)."""
+  tile_of_row = jnp.arange(layout.num_rows) // layout.tile
+  e = jnp.searchsorted(layout.tile_end, tile_of_row, side="right")
+  return jnp.minimum(e, layout.tile_end.shape[0] - 1).astype(jnp.int32)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, layout: GroupLayout, kernel: str) -> jax.Array:
+  """lhs [P, D] grouped rows, rhs [E, D, F] -> [P, F]; rows outside groups give 0."""
+  if kernel == "ragged_dot":
+    return jax.lax.ragged_dot(lhs, rhs, layout.group_sizes)
+  if kernel == "tiled":
+    p, d = lhs.shape
+    out = _tiled_gmm(lhs.reshape(p // layout.tile, layout.tile, d), rhs,
+                     layout.tile_start, layout.tile_end)
+    return out.reshape(p, rhs.shape[-1])
+  raise ValueError(f"Unknown grouped matmul kernel {kernel!r}; choose from {KERNELS}.")
+
+
+def _tile_loop(lhs3: jax.Array, rhs: jax.Array, tile_start, tile_end) -> jax.Array:
+  """[T, tile, D] x [E, D, F] -> [T, tile, F]: tiles of group e times rhs[e]."""
+  n_tiles, tile, _ = lhs3.shape
+  out = jnp.zeros((n_tiles, tile, rhs.shape[-1]), lhs3.dtype)
+  for e in range(rhs.shape[0]):
+    w_e = rhs[e]
+
+    def body(t, out, w_e=w_e):
+      return jax.lax.dynamic_update_index_in_dim(
+          out, jnp.dot(lhs3[t], w_e, preferred_element_type=jnp.float32).astype(out.dtype),
+          t, 0)
+
+    out = jax.lax.fori_loop(tile_start[e], tile_end[e], body, out)
+  return out
+
+
+@jax.custom_vjp
+def _tiled_gmm(lhs3, rhs, tile_start, tile_end):
+  return _tile_loop(lhs3, rhs, tile_start, tile_end)
+
+
+def _tiled_gmm_fwd(lhs3, rhs, tile_start, tile_end):
+  return _tile_loop(lhs3, rhs, tile_start, tile_end), (lhs3, rhs, tile_start, tile_end)
+
+
+def _tiled_gmm_bwd(residuals, g):
+  lhs3, rhs, tile_start, tile_end = residuals
+  d_lhs = _tile_loop(g, jnp.swapaxes(rhs, 1, 2), tile_start, tile_end)
+  d_rhs = []
+  for e in range(rhs.shape[0]):
+
+    def body(t, acc):
+      return acc + jnp.dot(lhs3[t].T, g[t], preferred_element_type=jnp.float32)
+
+    d_rhs.append(jax.lax.fori_loop(
+        tile_start[e], tile_end[e], body, jnp.zeros(rhs.shape[1:], jnp.float32)))
+  zero_index = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
+  return (d_lhs, jnp.stack(d_rhs).astype(rhs.dtype),
+          zero_index(tile_start), zero_index(tile_end))
+
+
+_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
