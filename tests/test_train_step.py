@@ -38,7 +38,7 @@ def _setup(**loss_kwargs):
   return config, model, params, cfg
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+def _assert_trees_close(a, b, rtol=1e-5, atol=2e-6):
   flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
   for (path, x), y in zip(flat_a, flat_b):
@@ -95,7 +95,7 @@ def test_grad_cache_gradients_equal_plain_step(shards, chunk):
     np.testing.assert_allclose(float(extras2[key]), float(extras1[key]), rtol=1e-5)
   assert float(extras1["load_balancing_loss"]) > 0.5  # The router losses are really present.
   assert np.any(np.asarray(grads1["model"]["encoder"]["layer_1"]["mlp"]["router"]["kernel"]))
-  _assert_trees_close(grads2, grads1, rtol=1e-5, atol=1e-6)
+  _assert_trees_close(grads2, grads1)
 
 
 def test_split_chunks_takes_every_shard():
