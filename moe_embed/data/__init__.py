@@ -1,0 +1,86 @@
+"""Contrastive data: JSONL records -> prepared ArrayRecord datasets -> batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+from absl import logging
+
+from moe_embed.data import corpus_stdlib, dataset, jsonl
+from moe_embed.data.pipeline import TrainIterator, make_train_iterator
+
+__all__ = ["TrainIterator", "make_train_iterator", "prepare", "ensure_default_data",
+           "dataset_tokenizer_path", "heldout_beir_dirs"]
+
+DEFAULT_VOCAB = 4096
+
+
+def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] = None,
+            train_tokenizer_vocab: int = 0) -> tuple[dict, jsonl.ReadReport]:
+  """Builds a dataset folder from JSONL files; trains a SentencePiece model if asked."""
+  files = jsonl.expand_inputs(inputs)
+  report = jsonl.ReadReport()
+  tokenizer_path = tokenizer
+  if train_tokenizer_vocab:
+    from moe_embed.tokenizers import train_sentencepiece
+    texts = (t for r in jsonl.read_records(files, jsonl.ReadReport())
+             for t in (r["query"], r["document"], *r["negatives"]))
+    prefix = os.path.join(tempfile.mkdtemp(), "tokenizer")
+    train_sentencepiece(texts, train_tokenizer_vocab, prefix)
+    tokenizer_path = prefix + ".model"
+  if tokenizer_path and not os.path.exists(tokenizer_path):
+    raise FileNotFoundError(f"Tokenizer {tokenizer_path} does not exist.")
+  info = dataset.write_dataset(jsonl.read_records(files, report), output, report,
+                               tokenizer_path if tokenizer_path and
+                               not tokenizer_path.endswith(".json") else None)
+  return info, report
+
+
+def default_cache_dir() -> str:
+  root = os.environ.get("MOE_EMBED_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "moe_embed")
+  return os.path.join(root, "stdlib_pairs")
+
+
+def ensure_default_data(cache_dir: Optional[str] = None) -> str:
+  """The embedded stdlib pair dataset, built (about 10 s) and cached on first use."""
+  out = cache_dir or default_cache_dir()
+  if os.path.exists(os.path.join(out, dataset.INFO)):
+    return out
+  logging.info("Building the embedded stdlib pair corpus in %s (first use only).", out)
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  work = tempfile.mkdtemp(dir=parent, prefix=".build-")
+  try:
+    counts = corpus_stdlib.build_pairs(work)
+    info, _ = prepare(os.path.join(work, "train.jsonl"), os.path.join(work, "data"),
+                      train_tokenizer_vocab=DEFAULT_VOCAB)
+    shutil.move(os.path.join(work, "heldout"), os.path.join(work, "data", "heldout"))
+    with open(os.path.join(work, "data", "corpus_counts.json"), "w") as f:
+      json.dump(counts, f, indent=2)
+    try:
+      os.replace(os.path.join(work, "data"), out)  # Atomic: a racing process may win.
+    except OSError:
+      if not os.path.exists(os.path.join(out, dataset.INFO)):
+        raise
+    logging.info("Embedded corpus: %s", counts)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return out
+
+
+def dataset_tokenizer_path(data_dir: str) -> str:
+  info = dataset.read_info(data_dir)
+  if "tokenizer" not in info:
+    raise FileNotFoundError(
+        f"{data_dir} carries no tokenizer; set config.tokenizer or start from a model folder.")
+  return os.path.join(data_dir, info["tokenizer"])
+
+
+def heldout_beir_dirs(data_dir: str) -> list[str]:
+  path = os.path.join(data_dir, "heldout")
+  return [path] if os.path.exists(os.path.join(path, "queries.jsonl")) else []
