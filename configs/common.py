@@ -97,6 +97,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.mesh.rules = ml_collections.config_dict.placeholder(tuple)
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = True  # Score retrieval at the end (and every_steps).
   # BEIR folders (comma-separated); '' = the dataset's held-out split if it has one.
   c.eval.beir = ""
   c.eval.every_steps = 0  # Evaluate during training every N steps; 0 = only at the end.

@@ -29,9 +29,17 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of checkpointing internals; warnings and errors pass."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

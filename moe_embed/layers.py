@@ -99,6 +99,33 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
+class Projection(nn.Module):
+  """A linear map with a multi-axis kernel: einsum(`equation`, x, kernel) + bias.
+
+  The kernel is created in its full shape (e.g. [D, H, Dh]) so that its logical
+  axis names apply as is under a mesh.
+  """
+
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[Optional[str], ...]
+  bias_axes: tuple[Optional[str], ...]
+  use_bias: bool
+  config: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = dtype_of(self.config)
+    kernel = self.param("kernel", normal_init(self.config, self.kernel_axes),
+                        self.kernel_shape, jnp.float32)
+    y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias_shape = self.kernel_shape[-len(self.bias_axes):]
+      y = y + self.param("bias", zeros_init(self.bias_axes), bias_shape,
+                         jnp.float32).astype(dtype)
+    return y
+
+
 class SelfAttention(nn.Module):
   """Bidirectional multi-head self-attention with a key padding mask."""
 
@@ -111,11 +138,9 @@ class SelfAttention(nn.Module):
     dtype = dtype_of(cfg)
 
     def proj(name):
-      return nn.DenseGeneral(
-          features=(cfg.num_heads, cfg.head_dim), axis=-1, use_bias=cfg.qkv_bias,
-          dtype=dtype, param_dtype=jnp.float32,
-          kernel_init=normal_init(cfg, ("embed", "heads", "kv")),
-          bias_init=zeros_init(("heads", "kv")), name=name)(x)
+      return Projection("bld,dhk->blhk", (cfg.hidden_size, cfg.num_heads, cfg.head_dim),
+                        ("embed", "heads", "kv"), ("heads", "kv"), cfg.qkv_bias, cfg,
+                        name=name)(x)
 
     q, k, v = proj("query"), proj("key"), proj("value")  # [B, L, H, Dh]
     if cfg.position_embedding == "rotary":
@@ -124,10 +149,8 @@ class SelfAttention(nn.Module):
       q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]: every query sees the real keys.
     out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)  # [B, L, H, Dh]
-    return nn.DenseGeneral(
-        features=cfg.hidden_size, axis=(-2, -1), use_bias=True, dtype=dtype,
-        param_dtype=jnp.float32, kernel_init=normal_init(cfg, ("heads", "kv", "embed")),
-        bias_init=zeros_init(("embed",)), name="out")(out)
+    return Projection("blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
+                      ("heads", "kv", "embed"), ("embed",), True, cfg, name="out")(out)
 
 
 class Mlp(nn.Module):

@@ -40,8 +40,8 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for key, value in row.items():
-        if key != "step":
-          self._tb.add_scalar(key, value, step)
+        if key != "step":  # TensorBoard tags allow no '@'.
+          self._tb.add_scalar(key.replace("@", "_at_"), value, step)
       self._tb.flush()
 
   def close(self) -> None:

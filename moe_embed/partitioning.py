@@ -103,3 +103,10 @@ def batch_shards(mesh: Mesh, rules) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def mesh_context(mesh: Mesh):
+  """Context that makes `mesh` current for sharding constraints under jit."""
+  if hasattr(jax, "set_mesh"):
+    return jax.set_mesh(mesh)
+  return mesh

@@ -199,7 +199,7 @@ def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformati
     new_params = optax.apply_updates(state.params, updates)
     stats = extras.pop("stats")
     metrics = dict(
-        loss=loss, **extras, grad_norm=optax.global_norm(grads),
+        loss=loss, **extras, grad_norm=optax.tree.norm(grads),
         lr=schedule(state.step), temperature=temperature_of(new_params, cfg),
         tokens=(jnp.sum(batch["query_mask"]) + jnp.sum(batch["doc_mask"])
                 + (jnp.sum(batch["neg_mask"]) if "neg_mask" in batch else 0)),

@@ -133,15 +133,12 @@ def create_state(model: EmbeddingModel, optimizer, mesh, rules, seed: int,
   return state, abstract, shardings
 
 
-def _encode_fn(model: EmbeddingModel, tokenizer, max_length: int, batch_size: int):
-  """encode(params, texts, prefix) -> float32 [n, d] for evaluation during training."""
+def _make_embedder(model: EmbeddingModel, tokenizer, config: ml_collections.ConfigDict):
+  """An Embedder for evaluation during training; its params are swapped per evaluation."""
   from moe_embed import inference  # Lazy: inference pulls in checkpoint importers.
-
-  def encode(params, texts, prefix):
-    embedder = inference.Embedder(model.config, params, tokenizer, max_length=max_length)
-    return embedder.encode(texts, prefix=prefix, batch_size=batch_size, show_progress=False)
-
-  return encode
+  return inference.Embedder(model.config, None, tokenizer, max_length=config.eval.max_length,
+                            query_prefix=config.input.query_prefix,
+                            doc_prefix=config.input.doc_prefix)
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -185,16 +182,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"loss.temperature={config.loss.temperature} must be positive.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) in `workdir`; returns the final evaluation and last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at_step: Optional[int] = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the final evaluation and last metrics.
+
+  `stop_at_step` ends the run early as a preemption would (checkpoint, return),
+  leaving the schedule of `config.total_steps` intact for the resumed run.
+  """
   from moe_embed import data as data_lib  # Lazy: keeps `import trainer` light.
   from moe_embed.tokenizers import load_tokenizer
 
   check_config(config)
   encoder_config, start_params, model_meta = resolve_encoder(config)
   loss_cfg = loss_config(config, encoder_config.embedding_dim)
-  mesh = partitioning.make_mesh(config.mesh.data, config.mesh.expert)
-  rules = partitioning.rules_from_config(config.mesh.rules)
+  try:
+    mesh = partitioning.make_mesh(config.mesh.data, config.mesh.expert)
+    rules = partitioning.rules_from_config(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   shards = partitioning.batch_shards(mesh, rules)
   check_batch(config, shards)
 
@@ -251,19 +256,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
-  beir_dirs = [d for d in config.eval.beir.split(",") if d] or data_lib.heldout_beir_dirs(data_dir)
-  encode = _encode_fn(model, tokenizer, config.eval.max_length, config.eval.batch_size)
+  beir_dirs = []
+  if config.eval.enabled:
+    beir_dirs = ([d for d in config.eval.beir.split(",") if d]
+                 or data_lib.heldout_beir_dirs(data_dir))
+    missing = [d for d in beir_dirs if not os.path.isdir(d)]
+    if missing:
+      raise ConfigError(f"eval.beir names folders that do not exist: {missing}.")
+  embedder = _make_embedder(model, tokenizer, config)
   writer = MetricWriter(workdir, enabled=is_chief)
 
   def evaluate(step: int) -> dict[str, float]:
     if not beir_dirs:
       return {}
     from moe_embed.evaluation import evaluate_beir
-    params = jax.device_get(state.params["model"])
-    results = evaluate_beir(
-        lambda texts, prefix: encode(params, texts, prefix), beir_dirs,
-        dim=config.eval.dim or None, batch_size=config.eval.batch_size,
-        query_prefix=config.input.query_prefix, doc_prefix=config.input.doc_prefix)
+    embedder.params = jax.device_get(state.params["model"])
+    encode = lambda texts, prefix: embedder.encode(
+        texts, prefix=prefix, batch_size=config.eval.batch_size, show_progress=False)
+    results = evaluate_beir(encode, beir_dirs, dim=config.eval.dim or None,
+                            query_prefix=config.input.query_prefix,
+                            doc_prefix=config.input.doc_prefix)
     flat = {f"eval/{name}/{k}": v for name, r in results.items() for k, v in r.items()
             if isinstance(v, (int, float))}
     writer.write(step, flat)
@@ -274,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     initial_eval = evaluate(0)
     logging.info("Untrained model: nDCG@10 %.4f", initial_eval["average"]["ndcg@10"])
 
-  with mesh, nn.logical_axis_rules(rules), _Preemption() as preemption:
+  with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules), \
+      _Preemption() as preemption:
     first = next(batches)
     compile_start = time.time()
     compiled = jitted.lower(state, _global_batch(first, batch_sharding)).compile()
@@ -301,13 +314,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                         tok_s=f"{last_metrics['tokens_per_s']:.0f}")
         window, window_start = [], time.time()
+      if stop_at_step is not None and step >= stop_at_step:
+        preemption.requested = True
       if step % config.checkpoint_every_steps == 0 or preemption.requested:
         checkpoints.save(manager, step, state, batches.get_state())
       if preemption.requested:
         manager.wait_until_finished()
         bar.close()
         writer.close()
-        logging.warning("Stopped at step %d after SIGTERM; rerun to resume.", step)
+        batches.close()
+        logging.warning("Stopped at step %d; rerun the same command to resume.", step)
         return {"preempted": True, "step": step, "metrics": last_metrics}
       if config.eval.every_steps and step % config.eval.every_steps == 0:
         evaluate(step)
@@ -315,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if manager.latest_step() != step:
     checkpoints.save(manager, step, state, batches.get_state())
   manager.wait_until_finished()
+  batches.close()
   final_eval = evaluate(step)
   writer.close()
   result = {"step": step, "metrics": last_metrics, "eval": final_eval,

@@ -63,7 +63,7 @@ def test_sharded_loss_and_grads_equal_single_device_with_hard_negatives():
   batch_sharding = partitioning.batch_sharding(mesh, rules)
   sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
   sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
-  with mesh, nn.logical_axis_rules(rules):
+  with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules):
     loss8, extras8, grads8 = _plain(model, config, cfg, sharded_params, sharded_batch)
   assert len(sharded_batch["query_ids"].sharding.device_set) == 8
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
@@ -87,7 +87,7 @@ def test_grad_cache_gradients_equal_plain_step(shards, chunk):
   constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), t)
   fn = jax.jit(lambda p, b: step_lib.grad_cache_loss_and_grads(
       model, config, gc_cfg, p, b, shards, constrain))
-  with mesh, nn.logical_axis_rules(rules):
+  with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules):
     batch_dev = {k: jax.device_put(v, sharding) for k, v in batch.items()}
     loss2, extras2, grads2 = fn(jax.device_put(params, NamedSharding(mesh, P())), batch_dev)
   np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-5)

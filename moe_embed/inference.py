@@ -1,0 +1,114 @@
+"""Text embeddings from a trained or imported model: the `encode` API.
+
+  embedder = moe_embed.inference.load_embedder("/tmp/moe_embed_tiny")
+  vectors = embedder.encode(["how to sort a list"], prefix=embedder.query_prefix)
+
+Texts are sorted by length and batched with padded lengths rounded up to a
+bucket, so few shapes compile and little compute goes to padding; results come
+back in input order, float32, L2-normalised.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from moe_embed import pooling
+from moe_embed.encoder import EmbeddingModel
+from moe_embed.model_config import EncoderConfig
+
+PREFIXES = {"query": "query_prefix", "document": "doc_prefix", "none": None}
+
+
+def _bucket(length: int, max_length: int) -> int:
+  """Padded length: next multiple of 16 up to 64, then of 64 (bounded recompiles)."""
+  step = 16 if length <= 64 else 64
+  return min(max_length, -(-length // step) * step)
+
+
+class Embedder:
+  """Encodes texts with fixed parameters; holds the jitted forward per shape."""
+
+  def __init__(self, config: EncoderConfig, params: Any, tokenizer, *, max_length: int = 512,
+               query_prefix: str = "", doc_prefix: str = ""):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.max_length = max_length
+    self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
+    self.params = params  # Swappable: evaluation during training sets new ones.
+    model = EmbeddingModel(config)
+    self._forward = jax.jit(
+        lambda params, ids, mask: model.apply({"params": params}, ids, mask)[0])
+    self.last_truncated = 0
+
+  def resolve_prefix(self, prefix: str) -> str:
+    """'query' / 'document' / 'none' name the model's prefixes; other strings are literal."""
+    if prefix in PREFIXES:
+      attr = PREFIXES[prefix]
+      return getattr(self, attr) if attr else ""
+    return prefix
+
+  def encode(self, texts: Sequence[str], *, prefix: str = "", dim: Optional[int] = None,
+             batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
+    """float32 [n, d] unit-norm embeddings in input order (d = dim if given)."""
+    texts = list(texts)
+    if dim is not None and not 0 < dim <= self.config.embedding_dim:
+      raise ValueError(f"dim={dim} must be between 1 and the embedding width "
+                       f"{self.config.embedding_dim}.")
+    if batch_size <= 0:
+      raise ValueError(f"batch_size={batch_size} must be positive.")
+    prefix = self.resolve_prefix(prefix)
+    empty = sum(1 for t in texts if not t.strip())
+    if empty:
+      logging.warning("%d of %d texts are empty; they are embedded as the prefix alone.",
+                      empty, len(texts))
+    ids, truncated = self.tokenizer.encode([prefix + t for t in texts], self.max_length)
+    self.last_truncated = truncated
+    if truncated:
+      (logging.warning if show_progress else logging.info)("%d of %d texts were longer than %d tokens and were truncated.",
+                      truncated, len(texts), self.max_length)
+    order = np.argsort([len(x) for x in ids], kind="stable")[::-1]
+    width = self.config.embedding_dim
+    out = np.zeros((len(texts), dim or width), np.float32)
+    bar = tqdm.tqdm(total=len(texts), desc="encode", disable=not show_progress, unit="text")
+    for start in range(0, len(texts), batch_size):
+      rows = order[start:start + batch_size]
+      chunk = [ids[i] for i in rows]
+      length = _bucket(max(len(x) for x in chunk), self.max_length)
+      arr, mask = self.tokenizer.pad(chunk, length)
+      if len(rows) < batch_size and len(texts) > batch_size:
+        # Keep the batch shape fixed: pad with empty rows (ignored below).
+        fill = batch_size - len(rows)
+        arr = np.concatenate([arr, np.full((fill, length), self.tokenizer.pad_id, np.int32)])
+        mask = np.concatenate([mask, np.zeros((fill, length), bool)])
+      emb = self._forward(self.params, jnp.asarray(arr), jnp.asarray(mask))
+      if dim:
+        emb = pooling.matryoshka(emb, dim)
+      out[rows] = np.asarray(emb)[:len(rows)]
+      bar.update(len(rows))
+    bar.close()
+    return out
+
+
+def load_embedder(path: str, *, max_length: Optional[int] = None) -> Embedder:
+  """An Embedder from a training workdir (latest checkpoint) or a model folder."""
+  from moe_embed import checkpoints
+  from moe_embed.tokenizers import load_tokenizer
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Model path {path} does not exist.")
+  if checkpoints.is_workdir(path):
+    params, config, meta = checkpoints.latest_params(path)
+  else:
+    from moe_embed import model_io
+    params, config, meta = model_io.load_any(path)
+  tokenizer = load_tokenizer(meta["tokenizer"])
+  return Embedder(config, params, tokenizer,
+                  max_length=max_length or int(meta.get("max_length", 512)),
+                  query_prefix=meta.get("query_prefix", ""),
+                  doc_prefix=meta.get("doc_prefix", ""))

@@ -1,0 +1,141 @@
+"""The training job: exact resume, bad-input errors, and an end-to-end run of launch/train.py."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import finetune
+from moe_embed import checkpoints, data, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The embedded stdlib corpus, built once per test session."""
+  return data.ensure_default_data(str(tmp_path_factory.mktemp("cache") / "stdlib_pairs"))
+
+
+def _tiny(data_dir, **overrides):
+  c = finetune.get_config("tiny")
+  c.data = data_dir
+  c.batch_size = 16
+  c.input.max_query_len = 16
+  c.input.max_doc_len = 32
+  c.total_steps = 6
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 100
+  c.optimizer.warmup_steps = 2
+  c.eval.enabled = False
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_interrupted_run_resumes_exactly(data_dir, tmp_path):
+  """6 steps in one run == 3 steps + restart + 3 steps: same parameters, same losses."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  config = _tiny(data_dir)  # Sharded over all 8 devices.
+  trainer.train_and_evaluate(config, straight)
+  out = trainer.train_and_evaluate(config, resumed, stop_at_step=3)
+  assert out["step"] == 3 and out.get("preempted")
+  trainer.train_and_evaluate(config, resumed)
+  assert _losses(straight) == _losses(resumed)
+  assert sorted(_losses(straight)) == [1, 2, 3, 4, 5, 6]
+  params_a, _, meta = checkpoints.latest_params(straight)
+  params_b, _, _ = checkpoints.latest_params(resumed)
+  assert meta["step"] == 6
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+  # The data position is in the checkpoint too.
+  state = json.load(open(os.path.join(resumed, "checkpoints", "6", "data", "metadata")))
+  assert state["step"] == 6
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data": "/nonexistent/pairs"}, "config.data='/nonexistent/pairs' does not exist"),
+    ({"batch_size": 12}, "batch_size=12 is not divisible by the 8"),
+    ({"loss.matryoshka_dims": (64, 128)}, "matryoshka_dims contains 128"),
+    ({"grad_cache_chunk": 24, "batch_size": 64}, "grad_cache_chunk=24 does not divide"),
+    ({"eval.enabled": True, "eval.beir": "/nope"}, "eval.beir names folders"),
+    ({"mesh.data": 3}, "mesh.data=3 x mesh.expert=1 = 3 devices, but 8"),
+])
+def test_bad_config_values_fail_before_compiling(data_dir, tmp_path, overrides, message):
+  config = _tiny(data_dir, **overrides)
+  start = time.time()
+  with pytest.raises(trainer.ConfigError, match=re.escape(message)):
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
+  assert time.time() - start < 30
+
+
+def _run_train(args, env_extra=None, **kwargs):
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, **kwargs)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  proc = _run_train(["--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
+                     "--config.optimizer.learnig_rate=0.1"], timeout=120)
+  assert proc.returncode != 0
+  assert "learnig_rate" in proc.stderr
+
+
+def test_launch_train_end_to_end_loss_falls(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _run_train([
+      "--config=configs/finetune.py:tiny", f"--workdir={workdir}",
+      f"--config.data={data_dir}", "--config.total_steps=60", "--config.batch_size=32",
+      "--config.optimizer.warmup_steps=5",
+      "--config.eval.at_start=False"], env_extra={"XLA_FLAGS": ""}, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Final nDCG@10 on the held-out split" in proc.stdout
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  train_rows = [r for r in rows if "loss" in r]
+  for key in ("step", "loss", "lr", "temperature", "aux_loss", "tokens_per_s", "grad_norm",
+              "layer_1/expert_fraction_min", "layer_3/expert_fraction_max"):
+    assert key in train_rows[-1], key
+  first, last = train_rows[0]["loss"], np.mean([r["loss"] for r in train_rows[-2:]])
+  assert last < first - 0.5, (first, last)
+  assert any("eval/average/ndcg@10" in r for r in rows)
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  assert config["total_steps"] == 60
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_then_resume(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  args = ["--config=configs/finetune.py:tiny", f"--workdir={workdir}",
+          f"--config.data={data_dir}", "--config.total_steps=100000",
+          "--config.checkpoint_every_steps=100000", "--config.eval.enabled=False"]
+  proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    time.sleep(1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "rerun the same command to resume" in err
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert saved and saved[-1] >= 10
