@@ -84,10 +84,10 @@ class TrainIterator:
     self.weights = weights / weights.sum()
     self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
     self._state = {"step": 0, "cursors": {s: 0 for s in self.sources}}
-    if state is not None:
-      self.set_state(state)
     self._prefetch = prefetch
     self._queue: Optional[queue.Queue] = None
+    if state is not None:
+      self.set_state(state)
 
   # -- State ---------------------------------------------------------------
   def get_state(self) -> dict:
