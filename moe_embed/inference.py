@@ -10,7 +10,6 @@ back in input order, float32, L2-normalised.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence
 
 from absl import logging
@@ -98,15 +97,9 @@ class Embedder:
 
 def load_embedder(path: str, *, max_length: Optional[int] = None) -> Embedder:
   """An Embedder from a training workdir (latest checkpoint) or a model folder."""
-  from moe_embed import checkpoints
+  from moe_embed import model_io
   from moe_embed.tokenizers import load_tokenizer
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Model path {path} does not exist.")
-  if checkpoints.is_workdir(path):
-    params, config, meta = checkpoints.latest_params(path)
-  else:
-    from moe_embed import model_io
-    params, config, meta = model_io.load_any(path)
+  params, config, meta = model_io.load_any(path)
   tokenizer = load_tokenizer(meta["tokenizer"])
   return Embedder(config, params, tokenizer,
                   max_length=max_length or int(meta.get("max_length", 512)),

@@ -57,3 +57,13 @@ def evaluate_beir(encode: EncodeFn, beir_dirs: Sequence[str], *, dim: Optional[i
     results["average"]["num_queries"] = int(
         sum(r["num_queries"] for name, r in results.items() if name != "average"))
   return results
+
+
+def format_table(results: dict) -> str:
+  """A fixed-width table of the results, one row per folder."""
+  header = f"{'dataset':24s}" + "".join(f"{k:>12s}" for k in METRIC_KEYS) + f"{'queries':>9s}"
+  rows = [header, "-" * len(header)]
+  for name, r in results.items():
+    rows.append(f"{name:24s}" + "".join(f"{r[k]:12.4f}" for k in METRIC_KEYS)
+                + f"{r.get('num_queries', 0):9d}")
+  return "\n".join(rows)

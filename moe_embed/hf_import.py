@@ -1,0 +1,321 @@
+"""Hugging Face checkpoint folders <-> our parameter tree.
+
+Layouts read: BERT (all-MiniLM-L6-v2; with or without a `bert.` prefix),
+XLM-RoBERTa (`roberta.` prefix, positions offset by pad_token_id + 1) and
+nomic-bert (model_type `nomic_bert`: fused `Wqkv`, `fc1/fc2` or gated
+`fc11/fc12`, rotary, and in MoE layers `mlp.router.layer.weight`,
+`mlp.experts.mlp.w1` / `w2` stacked as [experts * mlp, width] with a shared
+`mlp.experts.bias`), so a released nomic-embed-text-v2-moe folder loads as is.
+A missing or mis-shaped tensor fails with its name and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from moe_embed.model_config import EncoderConfig
+
+IGNORED_SUFFIXES = ("position_ids", "pooler.dense.weight", "pooler.dense.bias")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match its config or our encoder."""
+
+
+def read_config(folder: str) -> dict:
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_state_dict(folder: str) -> dict[str, np.ndarray]:
+  """float32 numpy arrays from model.safetensors (sharded or not) or pytorch_model.bin."""
+  single = os.path.join(folder, "model.safetensors")
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(single) or os.path.exists(index):
+    from safetensors.numpy import load_file
+    files = [single] if os.path.exists(single) else sorted(
+        {os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+    out = {}
+    for path in files:
+      try:
+        out.update(load_file(path))
+      except TypeError:  # bfloat16 tensors: numpy cannot hold them, torch can.
+        out.update(_torch_safetensors(path))
+    return {k: np.asarray(v, np.float32) if v.dtype != np.float32 else v for k, v in out.items()}
+  bin_path = os.path.join(folder, "pytorch_model.bin")
+  if os.path.exists(bin_path):
+    try:
+      import torch
+    except ImportError:
+      raise ImportError(f"{bin_path} is a PyTorch pickle; install torch to read it, or convert "
+                        "the folder to model.safetensors.") from None
+    state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+  raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin.")
+
+
+def _torch_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors.torch import load_file
+  return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
+def config_from_hf(hf: dict) -> EncoderConfig:
+  """EncoderConfig for a BERT, XLM-RoBERTa or nomic-bert config.json."""
+  kind = hf.get("model_type")
+  if kind in ("bert", "xlm-roberta", "roberta"):
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+      raise CheckpointError(f"position_embedding_type={hf['position_embedding_type']!r} "
+                            "is not supported (only 'absolute').")
+    if hf.get("hidden_act", "gelu") != "gelu":
+      raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'gelu').")
+    pad = int(hf.get("pad_token_id", 0))
+    return EncoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        mlp_dim=hf["intermediate_size"], type_vocab_size=hf.get("type_vocab_size", 2),
+        pad_token_id=pad, position_embedding="learned",
+        max_position_embeddings=hf["max_position_embeddings"],
+        position_offset=pad + 1 if kind != "bert" else 0,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), norm="post", mlp_activation="gelu",
+        moe_every_n_layers=0)
+  if kind == "nomic_bert":
+    act = hf.get("activation_function", "gelu")
+    if act not in ("gelu", "swiglu"):
+      raise CheckpointError(f"nomic_bert activation_function={act!r} is not supported.")
+    if hf.get("rotary_emb_interleaved"):
+      raise CheckpointError("Interleaved rotary embeddings are not supported.")
+    moe_every = int(hf.get("moe_every_n_layers", 0) or 0)
+    return EncoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"], num_layers=hf["n_layer"],
+        num_heads=hf["n_head"], mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+        type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=int(hf.get("pad_token_id", 1)),
+        position_embedding="rotary", rotary_base=float(hf.get("rotary_emb_base", 10_000)),
+        rotary_fraction=float(hf.get("rotary_emb_fraction", 1.0)),
+        norm="pre" if hf.get("prenorm") else "post",
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp_activation="swiglu" if act == "swiglu" else "gelu",
+        qkv_bias=bool(hf.get("qkv_proj_bias", True)),
+        mlp_bias=bool(hf.get("mlp_fc1_bias", True)),
+        moe_every_n_layers=moe_every, num_experts=int(hf.get("num_experts", 8) or 8),
+        top_k=int(hf.get("moe_top_k", 2) or 2), renormalize_topk=bool(hf.get("moe_normalize_expert_weights", False)))
+  raise CheckpointError(f"model_type={kind!r} is not supported; expected 'bert', 'xlm-roberta' "
+                        "or 'nomic_bert'.")
+
+
+class _Taker:
+  """Pops tensors from a state dict by name, checking shapes, naming what is wrong."""
+
+  def __init__(self, state: dict[str, np.ndarray], prefix: str):
+    self.state = dict(state)
+    self.prefix = prefix
+
+  def has(self, name: str) -> bool:
+    return self.prefix + name in self.state
+
+  def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    key = self.prefix + name
+    if key not in self.state:
+      raise CheckpointError(f"Checkpoint is missing tensor {key!r} (expected shape {shape}).")
+    value = self.state.pop(key)
+    if tuple(value.shape) != tuple(shape):
+      raise CheckpointError(
+          f"Tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
+    return value
+
+  def leftovers(self) -> list[str]:
+    return sorted(k for k in self.state if not k.endswith(IGNORED_SUFFIXES)
+                  and not k.startswith(("cls.", "lm_head.")))
+
+
+def _prefix_of(state: dict, marker: str) -> str:
+  for key in state:
+    if key.endswith(marker):
+      return key[:-len(marker)]
+  raise CheckpointError(f"No tensor ending in {marker!r}: not a checkpoint of this layout.")
+
+
+def _ln(take: _Taker, name: str, d: int) -> dict:
+  return {"scale": take(f"{name}.weight", (d,)), "bias": take(f"{name}.bias", (d,))}
+
+
+def params_from_bert(state: dict, config: EncoderConfig) -> dict:
+  """Our params from a BERT / XLM-R state dict (torch Linear weights are [out, in])."""
+  take = _Taker(state, _prefix_of(state, "embeddings.word_embeddings.weight"))
+  d, h, hd, f = config.hidden_size, config.num_heads, config.head_dim, config.mlp_dim
+  emb = {"word_embeddings": {"embedding": take("embeddings.word_embeddings.weight",
+                                               (config.vocab_size, d))},
+         "position_embeddings": {"embedding": take("embeddings.position_embeddings.weight",
+                                                   (config.max_position_embeddings, d))},
+         "layer_norm": _ln(take, "embeddings.LayerNorm", d)}
+  if config.type_vocab_size:
+    emb["token_type_embeddings"] = {"embedding": take(
+        "embeddings.token_type_embeddings.weight", (config.type_vocab_size, d))}
+  encoder = {"embeddings": emb}
+  for i in range(config.num_layers):
+    p = f"encoder.layer.{i}."
+    attn = {n: {"kernel": take(f"{p}attention.self.{n}.weight", (d, d)).T.reshape(d, h, hd),
+                "bias": take(f"{p}attention.self.{n}.bias", (d,)).reshape(h, hd)}
+            for n in ("query", "key", "value")}
+    attn["out"] = {"kernel": take(f"{p}attention.output.dense.weight", (d, d)).T.reshape(h, hd, d),
+                   "bias": take(f"{p}attention.output.dense.bias", (d,))}
+    encoder[f"layer_{i}"] = {
+        "attention": attn,
+        "attention_norm": _ln(take, f"{p}attention.output.LayerNorm", d),
+        "mlp": {"fc1": {"kernel": take(f"{p}intermediate.dense.weight", (f, d)).T,
+                        "bias": take(f"{p}intermediate.dense.bias", (f,))},
+                "fc2": {"kernel": take(f"{p}output.dense.weight", (d, f)).T,
+                        "bias": take(f"{p}output.dense.bias", (d,))}},
+        "mlp_norm": _ln(take, f"{p}output.LayerNorm", d)}
+  _report_leftovers(take)
+  return {"encoder": encoder}
+
+
+def params_from_nomic(state: dict, config: EncoderConfig) -> dict:
+  """Our params from a nomic-bert state dict (dense or MoE)."""
+  take = _Taker(state, _prefix_of(state, "embeddings.word_embeddings.weight"))
+  d, h, hd, f, e = (config.hidden_size, config.num_heads, config.head_dim, config.mlp_dim,
+                    config.num_experts)
+  emb = {"word_embeddings": {"embedding": take("embeddings.word_embeddings.weight",
+                                               (config.vocab_size, d))},
+         "layer_norm": _ln(take, "emb_ln", d)}
+  if config.type_vocab_size:
+    emb["token_type_embeddings"] = {"embedding": take(
+        "embeddings.token_type_embeddings.weight", (config.type_vocab_size, d))}
+  encoder = {"embeddings": emb}
+  zeros = lambda *s: np.zeros(s, np.float32)
+  for i in range(config.num_layers):
+    p = f"encoder.layers.{i}."
+    wqkv = take(f"{p}attn.Wqkv.weight", (3 * d, d)).reshape(3, h, hd, d)
+    bqkv = (take(f"{p}attn.Wqkv.bias", (3 * d,)).reshape(3, h, hd) if config.qkv_bias
+            else None)
+    attn = {}
+    for j, n in enumerate(("query", "key", "value")):
+      attn[n] = {"kernel": np.transpose(wqkv[j], (2, 0, 1))}
+      if bqkv is not None:
+        attn[n]["bias"] = bqkv[j]
+    attn["out"] = {"kernel": take(f"{p}attn.out_proj.weight", (d, d)).T.reshape(h, hd, d),
+                   "bias": (take(f"{p}attn.out_proj.bias", (d,)) if take.has(f"{p}attn.out_proj.bias")
+                            else zeros(d))}
+    layer = {"attention": attn, "attention_norm": _ln(take, f"{p}norm1", d),
+             "mlp_norm": _ln(take, f"{p}norm2", d)}
+    if config.is_moe_layer(i):
+      if not take.has(f"{p}mlp.router.layer.weight"):
+        raise CheckpointError(
+            f"config.json declares MoE every {config.moe_every_n_layers} layers but the "
+            f"checkpoint has no {take.prefix}{p}mlp.router.layer.weight: a dense checkpoint "
+            "with an MoE config.")
+      if config.mlp_activation != "gelu":
+        raise CheckpointError("Gated (swiglu) experts are not part of the nomic-bert MoE layout.")
+      w1 = take(f"{p}mlp.experts.mlp.w1", (e * f, d)).reshape(e, f, d)
+      w2 = take(f"{p}mlp.experts.mlp.w2", (e * f, d)).reshape(e, f, d)
+      layer["mlp"] = {"router": {"kernel": take(f"{p}mlp.router.layer.weight", (e, d)).T},
+                      "w1": np.transpose(w1, (0, 2, 1)), "w2": w2,
+                      "bias": take(f"{p}mlp.experts.bias", (d,))}
+    else:
+      if take.has(f"{p}mlp.router.layer.weight"):
+        raise CheckpointError(f"Layer {i} has router weights but config.json makes it dense "
+                              "(check moe_every_n_layers).")
+      mlp = {}
+      if config.mlp_activation == "swiglu":  # y = fc11(x) * silu(fc12(x)).
+        names = (("fc1", "fc12", (f, d)), ("gate", "fc11", (f, d)), ("fc2", "fc2", (d, f)))
+      else:
+        names = (("fc1", "fc1", (f, d)), ("fc2", "fc2", (d, f)))
+      for ours, theirs, shape in names:
+        mlp[ours] = {"kernel": take(f"{p}mlp.{theirs}.weight", shape).T}
+        if config.mlp_bias:
+          mlp[ours]["bias"] = take(f"{p}mlp.{theirs}.bias", shape[:1])
+      layer["mlp"] = mlp
+    encoder[f"layer_{i}"] = layer
+  _report_leftovers(take)
+  return {"encoder": encoder}
+
+
+def _report_leftovers(take: _Taker) -> None:
+  extra = take.leftovers()
+  if extra:
+    raise CheckpointError(f"Checkpoint has {len(extra)} tensors the encoder does not use, "
+                          f"e.g. {extra[:5]}; is config.json the one for these weights?")
+
+
+def to_nomic_state_dict(params: dict, config: EncoderConfig) -> dict[str, np.ndarray]:
+  """Exports our params in the nomic-bert layout (the inverse of params_from_nomic)."""
+  enc = params["encoder"]
+  d = config.hidden_size
+  out = {"embeddings.word_embeddings.weight": enc["embeddings"]["word_embeddings"]["embedding"],
+         "emb_ln.weight": enc["embeddings"]["layer_norm"]["scale"],
+         "emb_ln.bias": enc["embeddings"]["layer_norm"]["bias"]}
+  if config.type_vocab_size:
+    out["embeddings.token_type_embeddings.weight"] = (
+        enc["embeddings"]["token_type_embeddings"]["embedding"])
+  for i in range(config.num_layers):
+    layer, p = enc[f"layer_{i}"], f"encoder.layers.{i}."
+    attn = layer["attention"]
+    out[f"{p}attn.Wqkv.weight"] = np.concatenate(
+        [np.transpose(np.asarray(attn[n]["kernel"]), (1, 2, 0)).reshape(d, d)
+         for n in ("query", "key", "value")])
+    if config.qkv_bias:
+      out[f"{p}attn.Wqkv.bias"] = np.concatenate(
+          [np.asarray(attn[n]["bias"]).reshape(d) for n in ("query", "key", "value")])
+    out[f"{p}attn.out_proj.weight"] = np.asarray(attn["out"]["kernel"]).reshape(d, d).T
+    out[f"{p}attn.out_proj.bias"] = attn["out"]["bias"]
+    for ours, theirs in (("attention_norm", "norm1"), ("mlp_norm", "norm2")):
+      out[f"{p}{theirs}.weight"] = layer[ours]["scale"]
+      out[f"{p}{theirs}.bias"] = layer[ours]["bias"]
+    mlp = layer["mlp"]
+    if config.is_moe_layer(i):
+      e, f = config.num_experts, config.mlp_dim
+      out[f"{p}mlp.router.layer.weight"] = np.asarray(mlp["router"]["kernel"]).T
+      out[f"{p}mlp.experts.mlp.w1"] = np.transpose(np.asarray(mlp["w1"]), (0, 2, 1)).reshape(e * f, d)
+      out[f"{p}mlp.experts.mlp.w2"] = np.asarray(mlp["w2"]).reshape(e * f, d)
+      out[f"{p}mlp.experts.bias"] = mlp["bias"]
+    else:
+      pairs = ((("fc1", "fc12"), ("gate", "fc11"), ("fc2", "fc2"))
+               if config.mlp_activation == "swiglu" else (("fc1", "fc1"), ("fc2", "fc2")))
+      for ours, theirs in pairs:
+        out[f"{p}mlp.{theirs}.weight"] = np.asarray(mlp[ours]["kernel"]).T
+        if config.mlp_bias:
+          out[f"{p}mlp.{theirs}.bias"] = mlp[ours]["bias"]
+  return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+
+
+def nomic_config_json(config: EncoderConfig) -> dict:
+  """A nomic-bert config.json for `config` (the keys params_from_nomic reads)."""
+  return {"model_type": "nomic_bert", "vocab_size": config.vocab_size, "n_embd": config.hidden_size,
+          "n_layer": config.num_layers, "n_head": config.num_heads, "n_inner": config.mlp_dim,
+          "type_vocab_size": config.type_vocab_size, "pad_token_id": config.pad_token_id,
+          "rotary_emb_base": config.rotary_base, "rotary_emb_fraction": config.rotary_fraction,
+          "rotary_emb_interleaved": False, "prenorm": config.norm == "pre",
+          "layer_norm_epsilon": config.layer_norm_eps,
+          "activation_function": config.mlp_activation, "qkv_proj_bias": config.qkv_bias,
+          "mlp_fc1_bias": config.mlp_bias, "mlp_fc2_bias": config.mlp_bias,
+          "moe_every_n_layers": config.moe_every_n_layers, "num_experts": config.num_experts,
+          "moe_top_k": config.top_k, "moe_normalize_expert_weights": config.renormalize_topk}
+
+
+LOADERS: dict[str, Callable[[dict, EncoderConfig], dict]] = {
+    "bert": params_from_bert, "xlm-roberta": params_from_bert, "roberta": params_from_bert,
+    "nomic_bert": params_from_nomic}
+
+
+def load_hf_folder(folder: str) -> tuple[dict, EncoderConfig, dict[str, Any]]:
+  """(params, EncoderConfig, meta) of a Hugging Face model folder."""
+  hf = read_config(folder)
+  config = config_from_hf(hf)
+  params = LOADERS[hf["model_type"]](read_state_dict(folder), config)
+  meta: dict[str, Any] = {"tokenizer": folder, "query_prefix": "", "doc_prefix": ""}
+  st_config = os.path.join(folder, "sentence_bert_config.json")
+  if os.path.exists(st_config):
+    with open(st_config) as f:
+      meta["max_length"] = int(json.load(f).get("max_seq_length", 512))
+  else:
+    meta["max_length"] = min(512, config.max_position_embeddings - config.position_offset)
+  if hf["model_type"] == "nomic_bert":
+    meta["query_prefix"], meta["doc_prefix"] = "search_query: ", "search_document: "
+  return params, config, meta

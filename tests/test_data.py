@@ -1,0 +1,188 @@
+"""Data: JSONL validation, dataset round trip, per-source batches, exact multi-host resume."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moe_embed import data
+from moe_embed.data import corpus_stdlib, dataset, jsonl
+from moe_embed.tokenizers import train_sentencepiece
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _records(n_per_source, negatives=0):
+  rows = []
+  for s, n in n_per_source.items():
+    for i in range(n):
+      rows.append({"query": f"{s} question number {i} about sorting",
+                   "document": f"{s} answer {i}: use sorted() with a key function {i * 7}",
+                   "negatives": [f"{s} wrong answer {i}-{j}" for j in range(negatives)],
+                   "source": s})
+  return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  texts = [t for r in _records({"a": 200, "b": 200}, 2) for t in (r["query"], r["document"])]
+  return train_sentencepiece(texts * 3, 200, str(tmp_path_factory.mktemp("tok") / "spm"))
+
+
+def _write_jsonl(path, rows, extra_lines=()):
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wt") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+    for line in extra_lines:
+      f.write(line + "\n")
+
+
+def test_prepare_counts_duplicates_and_malformed_lines(tmp_path):
+  rows = _records({"a": 30, "b": 20}, negatives=2)
+  _write_jsonl(tmp_path / "one.jsonl", rows[:25] + rows[:5],
+               extra_lines=["{not json", json.dumps({"query": "only a query"}), "[1, 2]"])
+  _write_jsonl(tmp_path / "two.jsonl.gz", rows[25:])
+  info, report = data.prepare(str(tmp_path), str(tmp_path / "out"))
+  assert info["num_examples"] == 50
+  assert info["sources"]["a"]["num_examples"] == 30
+  assert info["sources"]["b"]["num_examples"] == 20
+  assert report.duplicates == 5 and report.malformed == 3
+  assert report.examples[0].endswith("one.jsonl:31: invalid JSON (Expecting property name "
+                                     "enclosed in double quotes)")
+  assert "one.jsonl:32: missing or empty 'document'" in report.examples[1]
+  # Round trip: what was written is what is read.
+  reader = dataset.SourceReader(str(tmp_path / "out"), info["sources"]["b"])
+  got = reader.read(list(range(len(reader))))
+  assert [r["query"] for r in got] == [r["query"] for r in rows[30:]]
+  assert got[3]["negatives"] == rows[33]["negatives"]
+
+
+def test_prepare_data_launcher(tmp_path):
+  _write_jsonl(tmp_path / "in.jsonl", _records({"x": 40}), extra_lines=['{"query": 1}'])
+  proc = subprocess.run([sys.executable, "launch/prepare_data.py", f"--input={tmp_path}/in.jsonl",
+                         f"--output={tmp_path}/ds", "--train_tokenizer_vocab=120"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Wrote 40 examples" in proc.stdout and "skipped 1 malformed" in proc.stdout
+  assert "in.jsonl:41: missing or empty 'query'" in proc.stdout
+  assert os.path.exists(tmp_path / "ds" / "tokenizer.model")
+  missing = subprocess.run([sys.executable, "launch/prepare_data.py", "--input=/no/such.jsonl",
+                            f"--output={tmp_path}/x"], cwd=REPO, capture_output=True, text=True)
+  assert missing.returncode != 0 and "/no/such.jsonl does not exist" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("ds")
+  rows = _records({"a": 90, "b": 45, "c": 30}, negatives=0)
+  rows += _records({"hard": 40}, negatives=3)
+  rows[-1]["negatives"] = rows[-1]["negatives"][:1]
+  _write_jsonl(tmp / "in.jsonl", rows)
+  data.prepare(str(tmp / "in.jsonl"), str(tmp / "out"))
+  return str(tmp / "out")
+
+
+def _iterator(ds, tokenizer, **kw):
+  args = dict(tokenizer=tokenizer, global_batch_size=8, max_query_len=40, max_doc_len=48,
+              query_prefix="q: ", doc_prefix="d: ", seed=3)
+  args.update(kw)
+  return data.make_train_iterator(ds, **args)
+
+
+def _decode(tokenizer, ids):
+  return tokenizer.sp.decode([int(i) for i in ids if i > 3])
+
+
+def test_every_batch_comes_from_one_source_in_proportion(ds, tokenizer):
+  it = _iterator(ds, tokenizer, prefetch=0)
+  counts = {}
+  for _ in range(200):
+    batch = next(it)
+    sources = {_decode(tokenizer, q).split()[1] for q in batch["query_ids"]}
+    assert len(sources) == 1
+    source = sources.pop()
+    counts[source] = counts.get(source, 0) + 1
+  state = it.get_state()
+  drawn = {s: c // 8 for s, c in state["cursors"].items()}
+  assert counts == {s: n for s, n in drawn.items() if n}
+  assert sum(drawn.values()) == 200
+  # Proportional to size: 90 : 45 : 30 : 40.
+  np.testing.assert_allclose(drawn["a"] / 200, 90 / 205, atol=0.08)
+  assert drawn["c"] > 0 and drawn["hard"] > 0
+
+
+def test_source_weights_and_prefixes(ds, tokenizer):
+  it = _iterator(ds, tokenizer, source_weights={"b": 1.0}, prefetch=0)
+  batch = next(it)
+  assert batch["query_ids"].shape == (8, 40) and batch["doc_mask"].shape == (8, 48)
+  q = _decode(tokenizer, batch["query_ids"][0])
+  assert q.startswith("q: b question")
+  assert _decode(tokenizer, batch["doc_ids"][0]).startswith("d: b answer")
+  with pytest.raises(ValueError, match="unknown sources \\['zz'\\]"):
+    _iterator(ds, tokenizer, source_weights={"zz": 1.0})
+
+
+def test_hard_negatives_only_from_sources_that_have_them(ds, tokenizer):
+  it = _iterator(ds, tokenizer, num_negatives=2, prefetch=0)
+  for _ in range(5):
+    batch = next(it)
+    assert batch["neg_ids"].shape == (8, 2, 48)
+    first = _decode(tokenizer, batch["query_ids"][0])
+    neg = _decode(tokenizer, batch["neg_ids"][0, 0])
+    assert first.split()[1] == "hard" and "wrong answer" in neg
+    i = first.split()[4]
+    assert neg.startswith(f"d: hard wrong answer {i}")  # Its own negatives, first first.
+
+
+def test_process_slices_concatenate_to_the_global_batch(ds, tokenizer):
+  whole = _iterator(ds, tokenizer, prefetch=0)
+  parts = [_iterator(ds, tokenizer, process_index=i, process_count=2, prefetch=0)
+           for i in range(2)]
+  for _ in range(7):
+    b = next(whole)
+    halves = [next(p) for p in parts]
+    for key in b:
+      np.testing.assert_array_equal(b[key], np.concatenate([h[key] for h in halves]))
+  assert whole.get_state() == parts[0].get_state() == parts[1].get_state()
+
+
+def test_resume_gives_the_same_batches_also_on_other_process_counts(ds, tokenizer):
+  straight = _iterator(ds, tokenizer)
+  batches = [next(straight) for _ in range(40)]  # Past an epoch of the small sources.
+  first = _iterator(ds, tokenizer)
+  for _ in range(25):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  first.close()
+  resumed = [_iterator(ds, tokenizer, process_index=i, process_count=4, state=state)
+             for i in range(4)]
+  for want in batches[25:]:
+    got = [next(r) for r in resumed]
+    for key in want:
+      np.testing.assert_array_equal(want[key], np.concatenate([g[key] for g in got]))
+  straight.close()
+
+
+def test_batch_larger_than_a_source_is_a_clear_error(ds, tokenizer):
+  with pytest.raises(ValueError, match="Source 'b' .* has 45 examples, fewer than batch_size=64"):
+    _iterator(ds, tokenizer, global_batch_size=64)
+  with pytest.raises(FileNotFoundError, match="is not a prepared dataset"):
+    _iterator("/tmp", tokenizer)
+
+
+def test_stdlib_corpus(tmp_path):
+  counts = corpus_stdlib.build_pairs(str(tmp_path))
+  assert counts["train"] >= 5000 and counts["heldout_queries"] >= 100
+  train_queries = {json.loads(l)["query"] for l in open(tmp_path / "train.jsonl")}
+  heldout = [json.loads(l) for l in open(tmp_path / "heldout" / "queries.jsonl")]
+  assert not train_queries & {q["text"] for q in heldout}
+  corpus_ids = {json.loads(l)["_id"] for l in open(tmp_path / "heldout" / "corpus.jsonl")}
+  lines = open(tmp_path / "heldout" / "qrels" / "test.tsv").read().splitlines()
+  assert lines[0] == "query-id\tcorpus-id\tscore"
+  assert all(line.split("\t")[1] in corpus_ids for line in lines[1:])
+  assert len(corpus_ids) == counts["heldout_docs"]
