@@ -44,12 +44,14 @@ def main(argv):
   from moe_embed import inference
   from moe_embed.evaluation import beir
   try:
+    # Folders first: a malformed file fails in seconds, before a model is loaded.
+    datasets = [beir.load_beir(folder, _SPLIT.value) for folder in _BEIR.value]
     embedder = inference.load_embedder(_MODEL.value, max_length=_MAX_LENGTH.value)
     logging.info("Prefixes: query %r, document %r.",
                  embedder.query_prefix if _QUERY_PREFIX.value is None else _QUERY_PREFIX.value,
                  embedder.doc_prefix if _DOC_PREFIX.value is None else _DOC_PREFIX.value)
     results = evaluation.evaluate_beir(
-        embedder, _BEIR.value, dim=_DIM.value, batch_size=_BATCH_SIZE.value,
+        embedder, datasets, dim=_DIM.value, batch_size=_BATCH_SIZE.value,
         query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value, split=_SPLIT.value,
         show_progress=True)
   except (FileNotFoundError, beir.BeirFormatError) as e:

@@ -110,7 +110,7 @@ def _default_prefix(encoder: Encoder, given: Optional[str], attr: str) -> str:
   return getattr(encoder, attr, "") or ""
 
 
-def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[str], *, dim: Optional[int] = None,
+def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirData]], *, dim: Optional[int] = None,
                   batch_size: int = 64, query_prefix: Optional[str] = None,
                   doc_prefix: Optional[str] = None, split: str = "test",
                   show_progress: bool = False) -> dict[str, dict[str, float]]:
@@ -118,7 +118,8 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[str], *, dim: Optional
 
   Args:
     encode_fn: `(texts, prefix) -> [n, d]` or an Embedder-like object.
-    beir_dirs: BEIR folders; all are read and checked before anything is encoded.
+    beir_dirs: BEIR folders (or folders already read with beir.load_beir); all
+      are read and checked before anything is encoded.
     dim: Matryoshka dimension (first `dim` dims, re-normalised); None = full.
     batch_size: passed to an object's `.encode`.
     query_prefix, doc_prefix: prepended to queries / documents; None = the
@@ -140,12 +141,14 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[str], *, dim: Optional
     raise ValueError(f"dim={dim} must be positive (or None for the full width).")
   names = {}
   for folder in beir_dirs:
-    name = os.path.basename(os.path.normpath(folder))
+    name = folder.name if isinstance(folder, beir.BeirData) else (
+        os.path.basename(os.path.normpath(folder)))
     if name == "average" or name in names:
       raise ValueError(f"BEIR folders {names.get(name, '(reserved)')} and {folder} share the "
                        f"name {name!r}; results are keyed by folder name, so rename one.")
     names[name] = folder
-  datasets = [beir.load_beir(folder, split) for folder in beir_dirs]
+  datasets = [folder if isinstance(folder, beir.BeirData) else beir.load_beir(folder, split)
+              for folder in beir_dirs]
   q_prefix = _default_prefix(encode_fn, query_prefix, "query_prefix")
   d_prefix = _default_prefix(encode_fn, doc_prefix, "doc_prefix")
   results: dict[str, dict[str, float]] = {}
