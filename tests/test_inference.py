@@ -1,0 +1,54 @@
+"""Encoding: input order, batching, Matryoshka dims, prefixes, the encode launcher."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moe_embed import inference
+from tests.reference_models import TEXTS, minilm_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def embedder():
+  return inference.load_embedder(minilm_folder())
+
+
+def test_batched_sorted_encoding_equals_one_by_one(embedder):
+  batched = embedder.encode(TEXTS, batch_size=4, show_progress=False)
+  single = np.stack([embedder.encode([t], show_progress=False)[0] for t in TEXTS[:6]])
+  np.testing.assert_allclose(batched[:6], single, atol=2e-6)
+  np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, rtol=1e-5)
+
+
+def test_matryoshka_dim_and_prefixes(embedder):
+  full = embedder.encode(TEXTS[:3], show_progress=False)
+  short = embedder.encode(TEXTS[:3], dim=64, show_progress=False)
+  want = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+  np.testing.assert_allclose(short, want, atol=1e-6)
+  literal = embedder.encode(["x"], prefix="query: ", show_progress=False)
+  joined = embedder.encode(["query: x"], show_progress=False)
+  np.testing.assert_allclose(literal, joined, atol=1e-6)
+  with pytest.raises(ValueError, match="dim=1000"):
+    embedder.encode(["x"], dim=1000)
+
+
+def test_encode_launcher(tmp_path):
+  texts = tmp_path / "texts.txt"
+  texts.write_text("\n".join(["first text", "second, longer text about retrieval", "", "last"]))
+  out = tmp_path / "emb.npy"
+  proc = subprocess.run([sys.executable, "launch/encode.py", f"--model={minilm_folder()}",
+                         f"--input={texts}", f"--output={out}", "--dim=128", "--batch_size=2"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "1 empty lines (first: line 3)" in proc.stderr
+  emb = np.load(out)
+  assert emb.shape == (4, 128) and emb.dtype == np.float32
+  missing = subprocess.run([sys.executable, "launch/encode.py", "--model=/no/model",
+                            f"--input={texts}", f"--output={out}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and "Model path /no/model does not exist" in missing.stderr
