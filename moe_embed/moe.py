@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_embed import grouped_matmul, routing
+from moe_embed import expert_parallel, grouped_matmul, routing
 from moe_embed.layers import dtype_of, gelu
 from moe_embed.model_config import EncoderConfig
 
@@ -37,35 +37,47 @@ def expert_activation(h1: jax.Array, h3: jax.Array | None) -> jax.Array:
   return gelu(h1) if h3 is None else jax.nn.silu(h1) * h3
 
 
-def dropless_experts(x: jax.Array, route: routing.Routing, w1, w2, w3=None, w1_bias=None,
-                     kernel: str = "tiled", tile: int | None = None) -> jax.Array:
-  """Dropless MoE without the shared bias: x [T, D] -> [T, D].
+def expert_rows(rows: jax.Array, expert_ids: jax.Array, valid: jax.Array, w1, w2, w3=None,
+                w1_bias=None, kernel: str = "tiled", tile: int | None = None) -> jax.Array:
+  """Each row through its expert: rows [N, D], expert_ids [N] -> [N, D] (0 where not valid).
 
-  Pure function of arrays so that expert parallelism can wrap it.
+  A counting sort groups the rows by expert, a grouped matmul applies each
+  expert matrix, and a gather puts the results back in row order.
   """
-  t, d = x.shape
-  k = route.experts.shape[1]
+  n, d = rows.shape
   num_experts = w1.shape[0]
-  m = t * k
-  expert_ids = route.experts.reshape(m)  # token-major: assignment a = t * K + j
-  valid = jnp.repeat(route.valid, k)
   group_sizes = jnp.sum(
       jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32) * valid[:, None], axis=0)
-  tile = tile or grouped_matmul.default_tile(m, num_experts, kernel)
-  layout = grouped_matmul.make_layout(group_sizes, m, tile)
-  rows = grouped_matmul.row_positions(expert_ids, valid, layout, num_experts)  # [M]
-  # Scatter the inputs into expert groups (padding assignments fall off the end).
-  token_of = jnp.arange(m) // k
-  buffer = jnp.zeros((layout.num_rows, d), x.dtype).at[rows].set(
-      x[token_of], mode="drop", unique_indices=True)
+  tile = tile or grouped_matmul.default_tile(n, num_experts, kernel)
+  layout = grouped_matmul.make_layout(group_sizes, n, tile)
+  positions = grouped_matmul.row_positions(expert_ids, valid, layout, num_experts)  # [N]
+  # Invalid rows fall off the end of the buffer.
+  buffer = jnp.zeros((layout.num_rows, d), rows.dtype).at[positions].set(
+      rows, mode="drop", unique_indices=True)
   h1 = grouped_matmul.gmm(buffer, w1, layout, kernel)  # [P, F]
   if w1_bias is not None:
     h1 = h1 + w1_bias[grouped_matmul.expert_of_row(layout)].astype(h1.dtype)
   h3 = None if w3 is None else grouped_matmul.gmm(buffer, w3, layout, kernel)
   out = grouped_matmul.gmm(expert_activation(h1, h3), w2, layout, kernel)  # [P, D]
-  per_assignment = out.at[rows].get(mode="fill", fill_value=0)  # [M, D]
-  weighted = per_assignment.reshape(t, k, d).astype(jnp.float32) * route.weights[..., None]
-  return jnp.sum(weighted, axis=1).astype(x.dtype)
+  return out.at[positions].get(mode="fill", fill_value=0)
+
+
+def combine(per_assignment: jax.Array, weights: jax.Array) -> jax.Array:
+  """[T*K, D] expert outputs, weights [T, K] -> weighted sum [T, D] (float32 sum)."""
+  t, k = weights.shape
+  out = per_assignment.reshape(t, k, -1).astype(jnp.float32) * weights[..., None]
+  return jnp.sum(out, axis=1).astype(per_assignment.dtype)
+
+
+def dropless_experts(x: jax.Array, route: routing.Routing, w1, w2, w3=None, w1_bias=None,
+                     kernel: str = "tiled", tile: int | None = None) -> jax.Array:
+  """Dropless MoE without the shared bias, all experts local: x [T, D] -> [T, D]."""
+  t, _ = x.shape
+  k = route.experts.shape[1]
+  rows = jnp.repeat(x, k, axis=0)  # [T*K, D], assignment a = t * K + j.
+  out = expert_rows(rows, route.experts.reshape(t * k), jnp.repeat(route.valid, k),
+                    w1, w2, w3, w1_bias, kernel, tile)
+  return combine(out, route.weights)
 
 
 def capacity_experts(x: jax.Array, route: routing.Routing, w1, w2, w3=None, w1_bias=None,
@@ -157,7 +169,12 @@ class MoeMlp(nn.Module):
     cast = lambda w: None if w is None else w.astype(dtype)
     if cfg.moe_dispatch == "dropless":
       kernel_name = grouped_matmul.kernel_for_backend(cfg.grouped_matmul)
-      y = dropless_experts(flat, route, cast(w1), cast(w2), cast(w3), w1_bias, kernel_name)
+      mesh = expert_parallel.current_mesh()
+      if expert_parallel.applies(mesh, flat.shape[0]):
+        y = expert_parallel.dropless(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
+                                     mesh=mesh, kernel=kernel_name)
+      else:
+        y = dropless_experts(flat, route, cast(w1), cast(w2), cast(w3), w1_bias, kernel_name)
       stats = routing.statistics(route)
     else:
       y, dropped = capacity_experts(x, route, cast(w1), cast(w2), cast(w3), w1_bias,
