@@ -110,9 +110,10 @@ def _default_prefix(encoder: Encoder, given: Optional[str], attr: str) -> str:
   return getattr(encoder, attr, "") or ""
 
 
-def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirData]], *, dim: Optional[int] = None,
-                  batch_size: int = 64, query_prefix: Optional[str] = None,
-                  doc_prefix: Optional[str] = None, split: str = "test",
+def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirData]], *,
+                  dim: Optional[int] = None, batch_size: int = 64,
+                  query_prefix: Optional[str] = None, doc_prefix: Optional[str] = None,
+                  split: str = "test",
                   show_progress: bool = False) -> dict[str, dict[str, float]]:
   """{folder name: metrics, ..., "average": means over folders}.
 
