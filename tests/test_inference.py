@@ -52,3 +52,38 @@ def test_encode_launcher(tmp_path):
                             f"--input={texts}", f"--output={out}"], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and "Model path /no/model does not exist" in missing.stderr
+
+
+def test_training_workdir_loads_its_latest_checkpoint(tmp_path):
+  """A workdir (checkpoints/ + model.json) serves as --model: the newest step's params."""
+  import jax
+  from flax import linen as nn
+
+  from moe_embed import checkpoints, model_config
+  from moe_embed.encoder import init_params
+  from moe_embed.tokenizers import load_tokenizer
+
+  tokenizer_path = os.path.join(minilm_folder(), "tokenizer.json")
+  config = model_config.preset("tiny", vocab_size=load_tokenizer(tokenizer_path).vocab_size,
+                               pad_token_id=0)
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  checkpoints.write_model_meta(workdir, config, query_prefix="q: ", doc_prefix="d: ",
+                               max_length=48, tokenizer=tokenizer_path)
+  manager = checkpoints.make_manager(workdir, async_save=False)
+  steps = {}
+  for step, seed in ((10, 0), (20, 1)):
+    steps[step] = nn.meta.unbox(init_params(config, jax.random.PRNGKey(seed)))
+    checkpoints.save(manager, step, {"params": {"model": steps[step]}}, {"step": step})
+  manager.wait_until_finished()
+  manager.close()
+  loaded = inference.load_embedder(workdir)
+  assert (loaded.query_prefix, loaded.doc_prefix, loaded.max_length) == ("q: ", "d: ", 48)
+  want = inference.Embedder(config, steps[20], load_tokenizer(tokenizer_path), max_length=48)
+  texts = TEXTS[:5]
+  np.testing.assert_allclose(loaded.encode(texts, prefix="query", show_progress=False),
+                             want.encode(["q: " + t for t in texts], show_progress=False),
+                             atol=1e-6)
+  stale = inference.Embedder(config, steps[10], load_tokenizer(tokenizer_path), max_length=48)
+  assert not np.allclose(loaded.encode(texts, show_progress=False),
+                         stale.encode(texts, show_progress=False), atol=1e-3)
