@@ -1,17 +1,40 @@
 """Forward+backward time of one MoE block against a dense MLP of equal active FLOPs.
 
-  python benchmarks/moe_layer.py --json=/tmp/moe_layer.json
+  python benchmarks/moe_layer.py --json=/tmp/moe_layer.json \
+    [--tokens=4096,16384] [--widths=minilm,nomic_v2_moe] [--repeats=5]
 
-For each width (minilm: D=384, F=1536; nomic_v2_moe: D=768, F=3072) and token
-count, times jax.grad of sum(y * probe) with respect to the parameters and the
-input for: the MoE block (8 experts, top-2) with each dispatch path, and a
-dense MLP of width F * top_k, which does the same matmul FLOPs per token. All
-runs share one process; each is compiled, warmed up, then timed as the median
-of --repeats runs. ratio = moe_ms / dense_ms: 1.0 means the routing, sorting
-and grouping cost nothing beyond the expert matmuls.
+What it measures: for each width (minilm: D=384, F=1536; nomic_v2_moe: D=768,
+F=3072) and token count (batch tokens/128 x sequence 128, every token real), the
+time of a jitted jax.grad of sum(y * probe) with respect to the parameters and
+the input x, for
+- one MoE block, `moe.MoeMlp`, with 8 experts and top-2 routing
+  (`model_config.preset(width, num_experts=8, top_k=2, moe_every_n_layers=2,
+  dtype='float32')`), once per path:
+    dropless             sort + grouped matmul, the 'tiled' kernel;
+    capacity             one-hot einsum dispatch, capacity_factor 1.25;
+    dropless_ragged_dot  the dropless path with `jax.lax.ragged_dot`;
+- a dense `layers.Mlp` of the same config with mlp_dim = F * top_k and no MoE,
+  which does the same expert matmul FLOPs per token (each token meets top_k
+  experts of width F).
+All runs share one process. Each function is compiled ahead of time, run once
+to warm up, then timed (`jax.block_until_ready`) as the median of --repeats
+runs; a configuration whose single run is slow gets fewer timed runs so that
+it fits --budget_s, and the table says so. Before running, the memory of each
+compiled function (arguments, outputs and temporaries, from XLA's memory
+analysis) is checked against --max_gb; a configuration above it is skipped
+with a printed reason.
+
+How to read it: moe_ms and dense_ms are milliseconds per forward+backward step
+of the one block; ratio = moe_ms / dense_ms. A ratio of 1.0 means routing,
+sorting, dispatch and the combine cost nothing beyond the expert matmuls; the
+excess over 1.0 is the price of sparsity on this backend. The dense time is
+the same for every path of a (width, tokens) pair. Compare paths on one
+backend only: the fastest grouped-matmul kernel differs between CPU and
+GPU/TPU (`grouped_matmul='auto'`).
 """
 
 import json
+import math
 import time
 
 from absl import app
@@ -23,35 +46,57 @@ import numpy as np
 
 from moe_embed import layers, model_config, moe
 
-_JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
-_TOKENS = flags.DEFINE_list("tokens", ["4096", "16384"], "Token counts (batch x 128).")
-_WIDTHS = flags.DEFINE_list("widths", ["minilm", "nomic_v2_moe"], "Model presets for D and F.")
-_PATHS = flags.DEFINE_list("paths", ["dropless", "capacity", "dropless_ragged_dot"],
-                           "MoE variants to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration (median).")
+PATHS = ("dropless", "capacity", "dropless_ragged_dot")
 SEQ = 128
 
+_JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
+_TOKENS = flags.DEFINE_list("tokens", ["4096", "16384"],
+                            f"Token counts; each is batch (tokens / {SEQ}) x sequence {SEQ}.")
+_WIDTHS = flags.DEFINE_list("widths", ["minilm", "nomic_v2_moe"],
+                            "Model presets that give the widths D and F.")
+_PATHS = flags.DEFINE_list("paths", list(PATHS), "MoE variants to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration (median).")
+_MAX_GB = flags.DEFINE_float(
+    "max_gb", 16.0, "Skip a configuration whose compiled step needs more memory (GB).")
+_BUDGET_S = flags.DEFINE_float(
+    "budget_s", 90.0, "Fewer timed runs (at least 1) when --repeats would exceed this.")
 
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # Compile and warm up.
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
 
-
-def _grad_fn(module, x, mask):
+def _grad_fn(module: nn.Module, x: jax.Array, mask: jax.Array):
+  """jit(grad of sum(y * probe)) with respect to (params, x)."""
   probe = jax.random.normal(jax.random.PRNGKey(2), x.shape, x.dtype)
+  is_moe = isinstance(module, moe.MoeMlp)
 
   def loss(params, x):
-    out = module.apply(params, x, mask) if isinstance(module, moe.MoeMlp) else (
-        module.apply(params, x), None)
-    return jnp.sum(out[0] * probe)
+    y = module.apply(params, x, mask)[0] if is_moe else module.apply(params, x)
+    return jnp.sum(y * probe)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _compile(fn, *args):
+  """Compiled function and the GB it needs (arguments + outputs + temporaries)."""
+  compiled = fn.lower(*args).compile()
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return compiled, float("nan")
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return compiled, total / 1e9
+
+
+def _time(compiled, *args) -> tuple[float, int]:
+  """(median milliseconds, number of timed runs) after one warm-up run."""
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  one_run = time.perf_counter() - start
+  repeats = max(1, min(_REPEATS.value, math.floor(_BUDGET_S.value / max(one_run, 1e-9))))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3, repeats
 
 
 def _config(width: str, path: str) -> model_config.EncoderConfig:
@@ -62,36 +107,64 @@ def _config(width: str, path: str) -> model_config.EncoderConfig:
   return base.replace(moe_dispatch=path, grouped_matmul="tiled")
 
 
+def _measure(module: nn.Module, x: jax.Array, mask: jax.Array, label: str):
+  """(ms, timed runs, GB), or None after printing why the configuration is skipped."""
+  init_args = (x, mask) if isinstance(module, moe.MoeMlp) else (x,)
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), *init_args))
+  compiled, gb = _compile(_grad_fn(module, x, mask), params, x)
+  if gb > _MAX_GB.value:
+    print(f"  skipped {label}: the compiled step needs {gb:.1f} GB > --max_gb="
+          f"{_MAX_GB.value:g}", flush=True)
+    return None
+  ms, repeats = _time(compiled, params, x)
+  return ms, repeats, gb
+
+
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}), float32")
-  rows = []
-  header = f"{'width':>6s} {'tokens':>7s} {'path':>20s} {'moe_ms':>9s} {'dense_ms':>9s} {'ratio':>6s}"
+  unknown = sorted(set(_PATHS.value) - set(PATHS))
+  if unknown:
+    raise app.UsageError(f"Unknown --paths {unknown}; choose from {PATHS}.")
+  device = jax.devices()[0]
+  print(f"jax {jax.__version__}, backend {jax.default_backend()} "
+        f"({device.device_kind}, {jax.device_count()} device(s)), float32, "
+        f"median of {_REPEATS.value} runs")
+  header = (f"{'width':>6s} {'tokens':>7s} {'path':>20s} {'moe_ms':>9s} {'dense_ms':>9s} "
+            f"{'ratio':>6s}  notes")
   print(header)
+  print("-" * len(header))
+  rows = []
   for width in _WIDTHS.value:
     for tokens in map(int, _TOKENS.value):
+      if tokens % SEQ:
+        raise app.UsageError(f"--tokens={tokens} is not a multiple of {SEQ}.")
       base = _config(width, "dropless")
-      x = jax.random.normal(jax.random.PRNGKey(0), (tokens // SEQ, SEQ, base.hidden_size))
+      d = base.hidden_size
+      x = jax.random.normal(jax.random.PRNGKey(0), (tokens // SEQ, SEQ, d), jnp.float32)
       mask = jnp.ones(x.shape[:2], bool)
       dense_cfg = base.replace(moe_every_n_layers=0, mlp_dim=base.mlp_dim * base.top_k)
-      dense = layers.Mlp(dense_cfg)
-      dense_params = nn.meta.unbox(dense.init(jax.random.PRNGKey(1), x))
-      dense_ms = _time(_grad_fn(dense, x, mask), dense_params, x)
+      dense = _measure(layers.Mlp(dense_cfg), x, mask, f"dense D={d} T={tokens}")
+      if dense is None:
+        continue
+      dense_ms, dense_runs, dense_gb = dense
       for path in _PATHS.value:
-        cfg = _config(width, path)
-        module = moe.MoeMlp(cfg)
-        params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), x, mask))
-        moe_ms = _time(_grad_fn(module, x, mask), params, x)
-        row = {"width": base.hidden_size, "tokens": tokens, "path": path,
-               "moe_ms": round(moe_ms, 2), "dense_ms": round(dense_ms, 2),
-               "ratio": round(moe_ms / dense_ms, 3)}
+        result = _measure(moe.MoeMlp(_config(width, path)), x, mask,
+                          f"{path} D={d} T={tokens}")
+        if result is None:
+          continue
+        moe_ms, moe_runs, moe_gb = result
+        row = {"width": d, "tokens": tokens, "path": path, "moe_ms": round(moe_ms, 2),
+               "dense_ms": round(dense_ms, 2), "ratio": round(moe_ms / dense_ms, 3)}
         rows.append(row)
-        print(f"{row['width']:6d} {tokens:7d} {path:>20s} {moe_ms:9.1f} {dense_ms:9.1f} "
-              f"{row['ratio']:6.2f}", flush=True)
+        notes = f"{moe_gb:.2f} GB vs {dense_gb:.2f} GB"
+        if moe_runs < _REPEATS.value or dense_runs < _REPEATS.value:
+          notes += f"; median of {moe_runs} (moe) / {dense_runs} (dense) runs"
+        print(f"{d:6d} {tokens:7d} {path:>20s} {moe_ms:9.1f} {dense_ms:9.1f} "
+              f"{row['ratio']:6.2f}  {notes}", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=2)
+    print(f"Wrote {len(rows)} rows to {_JSON.value}")
 
 
 if __name__ == "__main__":

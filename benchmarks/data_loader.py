@@ -1,0 +1,63 @@
+"""Loader throughput next to the tiny train step's consumption.
+
+  python benchmarks/data_loader.py [--batch_size=256] [--length=128] [--batches=50]
+
+Measures batches/s of tokenised pairs from the embedded stdlib dataset at batch
+256, length 128 (tokenised in the loader, one background thread), then the train
+steps/s of configs/finetune.py:tiny on this machine's devices, so the two rates
+can be compared: the loader must not be the bottleneck.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from moe_embed import data  # noqa: E402
+from moe_embed.tokenizers import load_tokenizer  # noqa: E402
+
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+_LENGTH = flags.DEFINE_integer("length", 128, "Query and document length.")
+_BATCHES = flags.DEFINE_integer("batches", 50, "Batches to time.")
+_STEPS = flags.DEFINE_integer("train_steps", 30, "Tiny train steps to time (0 skips).")
+
+
+def main(argv):
+  del argv
+  data_dir = data.ensure_default_data()
+  tokenizer = load_tokenizer(data.dataset_tokenizer_path(data_dir))
+  for prefetch in (0, 2):
+    it = data.make_train_iterator(
+        data_dir, tokenizer=tokenizer, global_batch_size=_BATCH.value,
+        max_query_len=_LENGTH.value, max_doc_len=_LENGTH.value, query_prefix="search_query: ",
+        doc_prefix="search_document: ", seed=0, prefetch=prefetch)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(_BATCHES.value):
+      next(it)
+    rate = _BATCHES.value / (time.perf_counter() - start)
+    it.close()
+    print(f"loader (prefetch={prefetch}): {rate:.1f} batches/s of {_BATCH.value} pairs "
+          f"at length {_LENGTH.value} ({rate * _BATCH.value:.0f} pairs/s)")
+  if _STEPS.value:
+    from configs import finetune
+    from moe_embed import trainer
+    config = finetune.get_config("tiny")
+    config.total_steps = _STEPS.value
+    config.log_every_steps = _STEPS.value
+    config.eval.enabled = False
+    with tempfile.TemporaryDirectory() as workdir:
+      start = time.perf_counter()
+      result = trainer.train_and_evaluate(config, workdir)
+    steps_per_s = result["metrics"]["steps_per_s"]
+    print(f"tiny train step (batch {config.batch_size}): {steps_per_s:.1f} steps/s "
+          f"= {steps_per_s * config.batch_size:.0f} pairs/s consumed")
+
+
+if __name__ == "__main__":
+  app.run(main)
