@@ -91,6 +91,21 @@ def config_from_hf(hf: dict) -> EncoderConfig:
       raise CheckpointError(f"nomic_bert activation_function={act!r} is not supported.")
     if hf.get("rotary_emb_interleaved"):
       raise CheckpointError("Interleaved rotary embeddings are not supported.")
+    # Options of the nomic-bert code our encoder does not implement: fail instead of
+    # silently computing a different function.
+    for key, supported in (("parallel_block", False), ("causal", False),
+                           ("num_shared_experts", 0), ("expert_choice_router", False),
+                           ("rotary_scaling_factor", None), ("rotary_emb_scale_base", None)):
+      if hf.get(key, supported) not in (supported, None):
+        raise CheckpointError(f"nomic_bert config.json has {key}={hf[key]!r}; only "
+                              f"{supported!r} is supported.")
+    if int(hf.get("ffn_div", 1) or 1) != 1:
+      raise CheckpointError(f"nomic_bert config.json has ffn_div={hf['ffn_div']!r}; only 1 "
+                            "(experts as wide as n_inner) is supported.")
+    if bool(hf.get("mlp_fc1_bias", True)) != bool(hf.get("mlp_fc2_bias", True)):
+      raise CheckpointError(
+          f"mlp_fc1_bias={hf.get('mlp_fc1_bias')} and mlp_fc2_bias={hf.get('mlp_fc2_bias')} "
+          "differ; the encoder has one mlp_bias switch for both.")
     moe_every = int(hf.get("moe_every_n_layers", 0) or 0)
     return EncoderConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"], num_layers=hf["n_layer"],

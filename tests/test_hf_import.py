@@ -127,6 +127,15 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
   json.dump(hf, open(tmp_path / "c" / "config.json", "w"))
   with pytest.raises(hf_import.CheckpointError, match="no encoder.layers.1.mlp.router.layer.weight"):
     hf_import.load_hf_folder(str(tmp_path / "c"))
+  # Options of the reference code the encoder does not implement are refused by name.
+  for key, value in (("num_shared_experts", 1), ("parallel_block", True), ("ffn_div", 2)):
+    hf = json.load(open(tmp_path / "b" / "config.json"))
+    hf[key] = value
+    json.dump(hf, open(tmp_path / "b" / "config.json", "w"))
+    with pytest.raises(hf_import.CheckpointError, match=f"{key}={value!r}"):
+      hf_import.load_hf_folder(str(tmp_path / "b"))
+    del hf[key]
+    json.dump(hf, open(tmp_path / "b" / "config.json", "w"))
   with pytest.raises(FileNotFoundError, match="is not a model"):
     model_io.load_any(str(tmp_path))
 
