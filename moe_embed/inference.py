@@ -5,7 +5,10 @@
 
 Texts are sorted by length and batched with padded lengths rounded up to a
 bucket, so few shapes compile and little compute goes to padding; results come
-back in input order, float32, L2-normalised.
+back in input order, float32, L2-normalised. Texts longer than max_length
+tokens are truncated and counted (a logged warning, and `last_truncated`).
+Empty texts are not an error: they are embedded as the prefix and special
+tokens alone, with a logged warning, so that rows stay aligned with the input.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class Embedder:
     ids, truncated = self.tokenizer.encode([prefix + t for t in texts], self.max_length)
     self.last_truncated = truncated
     if truncated:
-      (logging.warning if show_progress else logging.info)("%d of %d texts were longer than %d tokens and were truncated.",
+      logging.warning("%d of %d texts were longer than %d tokens and were truncated.",
                       truncated, len(texts), self.max_length)
     order = np.argsort([len(x) for x in ids], kind="stable")[::-1]
     width = self.config.embedding_dim
