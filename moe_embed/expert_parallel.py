@@ -50,7 +50,7 @@ def applies(mesh, num_tokens: int) -> bool:
 
 
 def dropless(x: jax.Array, route, w1, w2, w3=None, w1_bias=None, *, mesh,
-             kernel: str = "tiled") -> jax.Array:
+             kernel: str = "windowed") -> jax.Array:
   """Dropless MoE (no shared bias) with experts sharded over 'expert': x [T, D] -> [T, D]."""
   from moe_embed import moe  # moe imports this module.
   token_axes = tuple(a for a in mesh.axis_names)
@@ -85,8 +85,9 @@ def dropless(x: jax.Array, route, w1, w2, w3=None, w1_bias=None, *, mesh,
     exchange = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS, split_axis=0,
                                  concat_axis=0, tiled=True)
     recv, recv_expert, recv_ok = exchange(send), exchange(send_expert), exchange(send_ok)
+    # About M of the EP * M received rows are real on average.
     out = moe.expert_rows(recv, recv_expert, recv_ok, w1, w2, extra.get("w3"),
-                          extra.get("w1_bias"), kernel)
+                          extra.get("w1_bias"), kernel, expected_rows=m)
     back = exchange(out)  # [EP * M, D], in this device's send order.
     per_assignment = back.at[slot].get(mode="fill", fill_value=0)  # [M, D]
     return moe.combine(per_assignment, weights)

@@ -17,12 +17,13 @@ Two kernels, chosen per backend (`kernel_for_backend`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("tiled", "ragged_dot")
+KERNELS = ("windowed", "tiled", "ragged_dot")
 
 
 @jax.tree_util.register_dataclass
@@ -35,16 +36,24 @@ class GroupLayout:
   group_sizes: jax.Array  # int32 [E], real rows (before tile padding).
   num_rows: int = dataclasses.field(metadata=dict(static=True))  # P, static.
   tile: int = dataclasses.field(metadata=dict(static=True))
+  window: int = dataclasses.field(default=0, metadata=dict(static=True))  # W rows, static.
 
 
 def kernel_for_backend(name: str, backend: str | None = None) -> str:
   """Resolves 'auto' to the kernel measured fastest on the backend."""
   if name == "auto":
     backend = backend or jax.default_backend()
-    return "tiled" if backend == "cpu" else "ragged_dot"
+    return "windowed" if backend == "cpu" else "ragged_dot"
   if name not in KERNELS:
     raise ValueError(f"grouped_matmul={name!r} is not one of {('auto',) + KERNELS}.")
   return name
+
+
+def default_window(num_assignments: int, num_experts: int, tile: int, kernel: str) -> int:
+  """Rows each expert multiplies in one matmul: its average group, in whole tiles."""
+  if kernel != "windowed":
+    return 0
+  return -(-num_assignments // (num_experts * tile)) * tile
 
 
 def default_tile(num_assignments: int, num_experts: int, kernel: str) -> int:
@@ -55,14 +64,19 @@ def default_tile(num_assignments: int, num_experts: int, kernel: str) -> int:
   return int(min(512, max(64, 2 ** round(math.log2(target)))))
 
 
-def make_layout(group_sizes: jax.Array, num_assignments: int, tile: int) -> GroupLayout:
-  """Layout for `num_assignments` rows split into groups of `group_sizes` [E]."""
+def make_layout(group_sizes: jax.Array, num_assignments: int, tile: int,
+                window: int = 0) -> GroupLayout:
+  """Layout for `num_assignments` rows split into groups of `group_sizes` [E].
+
+  `window` > 0 reserves room after the last group so that a window of that many
+  rows can start at any group (the 'windowed' kernel).
+  """
   num_experts = group_sizes.shape[0]
   tiles = (group_sizes + tile - 1) // tile
   tile_end = jnp.cumsum(tiles).astype(jnp.int32)
-  num_rows = (-(-num_assignments // tile) + (num_experts if tile > 1 else 0)) * tile
+  num_rows = (-(-num_assignments // tile) + (num_experts if tile > 1 else 0)) * tile + window
   return GroupLayout(tile_end - tiles.astype(jnp.int32), tile_end,
-                     group_sizes.astype(jnp.int32), num_rows, tile)
+                     group_sizes.astype(jnp.int32), num_rows, tile, window)
 
 
 def row_positions(expert_ids: jax.Array, valid: jax.Array, layout: GroupLayout,
@@ -93,6 +107,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, layout: GroupLayout, kernel: str) -> jax
     out = _tiled_gmm(lhs.reshape(p // layout.tile, layout.tile, d), rhs,
                      layout.tile_start, layout.tile_end)
     return out.reshape(p, rhs.shape[-1])
+  if kernel == "windowed":
+    if not layout.window:
+      raise ValueError("The 'windowed' kernel needs a layout made with window > 0.")
+    return _windowed_gmm(lhs, rhs, layout.tile_start, layout.tile_end, layout.tile,
+                         layout.window)
   raise ValueError(f"Unknown grouped matmul kernel {kernel!r}; choose from {KERNELS}.")
 
 
@@ -138,3 +157,72 @@ def _tiled_gmm_bwd(residuals, g):
 
 
 _tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+
+
+# The 'windowed' kernel: expert e multiplies one static window of W rows starting
+# at its group (a single large matmul), keeps the rows that belong to it, and
+# covers any rows of a group longer than W with the tile loop. With balanced
+# routing nearly all work is in the E large matmuls, forward and backward.
+
+
+def _window_loop(lhs, rhs, tile_start, tile_end, tile, window):
+  """lhs [P, D] x rhs [E, D, F] -> [P, F] by windows plus overflow tiles."""
+  p = lhs.shape[0]
+  out = jnp.zeros((p, rhs.shape[-1]), lhs.dtype)
+  rows = jnp.arange(window)[:, None]
+  for e in range(rhs.shape[0]):
+    start = tile_start[e] * tile
+    length = (tile_end[e] - tile_start[e]) * tile
+    block = jax.lax.dynamic_slice_in_dim(lhs, start, window)
+    res = jnp.dot(block, rhs[e], preferred_element_type=jnp.float32).astype(out.dtype)
+    keep = rows < length
+    current = jax.lax.dynamic_slice_in_dim(out, start, window)
+    out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, res, current), start, 0)
+    w_e = rhs[e]
+
+    def body(t, out, w_e=w_e):
+      tile_rows = jax.lax.dynamic_slice_in_dim(lhs, t * tile, tile)
+      res = jnp.dot(tile_rows, w_e, preferred_element_type=jnp.float32).astype(out.dtype)
+      return jax.lax.dynamic_update_slice_in_dim(out, res, t * tile, 0)
+
+    overflow_start = tile_start[e] + window // tile
+    out = jax.lax.fori_loop(jnp.minimum(overflow_start, tile_end[e]), tile_end[e], body, out)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _windowed_gmm(lhs, rhs, tile_start, tile_end, tile, window):
+  return _window_loop(lhs, rhs, tile_start, tile_end, tile, window)
+
+
+def _windowed_fwd(lhs, rhs, tile_start, tile_end, tile, window):
+  out = _window_loop(lhs, rhs, tile_start, tile_end, tile, window)
+  return out, (lhs, rhs, tile_start, tile_end)
+
+
+def _windowed_bwd(tile, window, residuals, g):
+  lhs, rhs, tile_start, tile_end = residuals
+  d_lhs = _window_loop(g, jnp.swapaxes(rhs, 1, 2), tile_start, tile_end, tile, window)
+  rows = jnp.arange(window)[:, None]
+  d_rhs = []
+  for e in range(rhs.shape[0]):
+    start = tile_start[e] * tile
+    length = (tile_end[e] - tile_start[e]) * tile
+    block = jax.lax.dynamic_slice_in_dim(lhs, start, window)
+    g_block = jnp.where(rows < length, jax.lax.dynamic_slice_in_dim(g, start, window), 0)
+    acc = jnp.dot(block.T, g_block, preferred_element_type=jnp.float32)
+
+    def body(t, acc):
+      a = jax.lax.dynamic_slice_in_dim(lhs, t * tile, tile)
+      b = jax.lax.dynamic_slice_in_dim(g, t * tile, tile)
+      return acc + jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+
+    overflow_start = tile_start[e] + window // tile
+    acc = jax.lax.fori_loop(jnp.minimum(overflow_start, tile_end[e]), tile_end[e], body, acc)
+    d_rhs.append(acc)
+  zero_index = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
+  return (d_lhs, jnp.stack(d_rhs).astype(rhs.dtype), zero_index(tile_start),
+          zero_index(tile_end))
+
+
+_windowed_gmm.defvjp(_windowed_fwd, _windowed_bwd)

@@ -38,8 +38,12 @@ def expert_activation(h1: jax.Array, h3: jax.Array | None) -> jax.Array:
 
 
 def expert_rows(rows: jax.Array, expert_ids: jax.Array, valid: jax.Array, w1, w2, w3=None,
-                w1_bias=None, kernel: str = "tiled", tile: int | None = None) -> jax.Array:
+                w1_bias=None, kernel: str = "windowed", tile: int | None = None,
+                expected_rows: int | None = None) -> jax.Array:
   """Each row through its expert: rows [N, D], expert_ids [N] -> [N, D] (0 where not valid).
+
+  `expected_rows` is how many rows are typically valid (default N); it sizes the
+  grouping tiles and windows.
 
   A counting sort groups the rows by expert, a grouped matmul applies each
   expert matrix, and a gather puts the results back in row order.
@@ -48,8 +52,10 @@ def expert_rows(rows: jax.Array, expert_ids: jax.Array, valid: jax.Array, w1, w2
   num_experts = w1.shape[0]
   group_sizes = jnp.sum(
       jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32) * valid[:, None], axis=0)
-  tile = tile or grouped_matmul.default_tile(n, num_experts, kernel)
-  layout = grouped_matmul.make_layout(group_sizes, n, tile)
+  expected = expected_rows or n
+  tile = tile or grouped_matmul.default_tile(expected, num_experts, kernel)
+  window = grouped_matmul.default_window(expected, num_experts, tile, kernel)
+  layout = grouped_matmul.make_layout(group_sizes, n, tile, window)
   positions = grouped_matmul.row_positions(expert_ids, valid, layout, num_experts)  # [N]
   # Invalid rows fall off the end of the buffer.
   buffer = jnp.zeros((layout.num_rows, d), rows.dtype).at[positions].set(
@@ -70,7 +76,7 @@ def combine(per_assignment: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def dropless_experts(x: jax.Array, route: routing.Routing, w1, w2, w3=None, w1_bias=None,
-                     kernel: str = "tiled", tile: int | None = None) -> jax.Array:
+                     kernel: str = "windowed", tile: int | None = None) -> jax.Array:
   """Dropless MoE without the shared bias, all experts local: x [T, D] -> [T, D]."""
   t, _ = x.shape
   k = route.experts.shape[1]

@@ -83,6 +83,7 @@ def _apply(module, params, x, mask):
 @pytest.mark.parametrize("overrides", [
     dict(moe_dispatch="dropless"),
     dict(moe_dispatch="dropless", grouped_matmul="ragged_dot"),
+    dict(moe_dispatch="dropless", grouped_matmul="tiled"),
     dict(moe_dispatch="dropless", renormalize_topk=True, expert_w1_bias=True),
     dict(moe_dispatch="dropless", mlp_activation="swiglu"),
     dict(moe_dispatch="capacity", capacity_factor=100.0),
@@ -179,8 +180,9 @@ def test_grouped_matmul_kernels_match_per_group_reference(kernel):
   m, d, f = int(sizes.sum()), 8, 6
   rhs = rng.normal(size=(len(sizes), d, f)).astype(np.float32)
   rows = rng.normal(size=(m, d)).astype(np.float32)
-  tile = grouped_matmul.default_tile(m, len(sizes), kernel) if kernel != "tiled" else 4
-  layout = grouped_matmul.make_layout(jnp.asarray(sizes), m, tile)
+  tile = 1 if kernel == "ragged_dot" else 4
+  window = 8 if kernel == "windowed" else 0  # Groups of 17 rows overflow an 8-row window.
+  layout = grouped_matmul.make_layout(jnp.asarray(sizes), m, tile, window)
   expert_ids = np.repeat(np.arange(len(sizes)), sizes)
   pos = grouped_matmul.row_positions(jnp.asarray(expert_ids), jnp.ones(m, bool), layout, len(sizes))
   probe = rng.normal(size=(m, f)).astype(np.float32)
