@@ -49,7 +49,7 @@ def default_cache_dir() -> str:
 def ensure_default_data(cache_dir: Optional[str] = None) -> str:
   """The embedded stdlib pair dataset, built (about 10 s) and cached on first use."""
   out = cache_dir or default_cache_dir()
-  if os.path.exists(os.path.join(out, dataset.INFO)):
+  if _is_current(out):
     return out
   logging.info("Building the embedded stdlib pair corpus in %s (first use only).", out)
   parent = os.path.dirname(os.path.abspath(out))
@@ -62,15 +62,29 @@ def ensure_default_data(cache_dir: Optional[str] = None) -> str:
     shutil.move(os.path.join(work, "heldout"), os.path.join(work, "data", "heldout"))
     with open(os.path.join(work, "data", "corpus_counts.json"), "w") as f:
       json.dump(counts, f, indent=2)
+    if os.path.exists(out) and not _is_current(out):
+      # A cache of an older dataset format: move it aside, then replace it.
+      try:
+        os.replace(out, os.path.join(work, "stale"))
+      except OSError:
+        pass
     try:
       os.replace(os.path.join(work, "data"), out)  # Atomic: a racing process may win.
     except OSError:
-      if not os.path.exists(os.path.join(out, dataset.INFO)):
+      if not _is_current(out):
         raise
     logging.info("Embedded corpus: %s", counts)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   return out
+
+
+def _is_current(data_dir: str) -> bool:
+  try:
+    with open(os.path.join(data_dir, dataset.INFO)) as f:
+      return json.load(f).get("format") == dataset.FORMAT
+  except (OSError, ValueError):
+    return False
 
 
 def dataset_tokenizer_path(data_dir: str) -> str:

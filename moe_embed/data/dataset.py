@@ -1,13 +1,13 @@
 """The prepared contrastive dataset: one ArrayRecord file of examples per source.
 
 Layout of a dataset folder:
-  dataset_info.json             sources, their sizes and files, the tokenizer
-  train-<source>.array_record   JSON examples {"query", "document", "negatives"}
+  dataset_info.json             sources, their sizes and splits, the tokenizer
+  tfds/contrastive_pairs/1.0.0/ TFDS dataset (ArrayRecord), one split per source
   negatives-<source>.npy        int32 [n]: hard negatives per example
   tokenizer.model               SentencePiece model, when one was trained or copied
   heldout/                      optional BEIR folder for evaluation
-ArrayRecord gives random access without TensorFlow, so any process can read any
-slice of any batch.
+`tfds.data_source` gives random access to ArrayRecord files without TensorFlow,
+so any process can read any slice of any batch.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import shutil
 from typing import Iterable, Optional
 
 import numpy as np
-from array_record.python import array_record_module
+from tqdm import tqdm
 
+from moe_embed.data import builder
 from moe_embed.data.jsonl import ReadReport
 
 INFO = "dataset_info.json"
-FORMAT = "moe_embed.pairs.v1"
+FORMAT = "moe_embed.pairs.v2"
+TFDS_DIR = "tfds"
 
 
 def _safe(name: str) -> str:
@@ -38,8 +40,10 @@ def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
   tmp = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  stage = os.path.join(tmp, "staged")
+  os.makedirs(stage)
   writers, negatives, seen = {}, {}, set()
-  for record in records:
+  for record in tqdm(records, desc="Reading records", unit=" records", mininterval=2):
     key = hashlib.sha1(
         (record["query"] + "\x00" + record["document"]).encode()).digest()
     if key in seen:
@@ -48,23 +52,30 @@ def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
     seen.add(key)
     source = record["source"]
     if source not in writers:
-      path = os.path.join(tmp, f"train-{_safe(source)}.array_record")
-      writers[source] = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      split = builder.split_name(source)
+      clash = [s for s in writers if builder.split_name(s) == split]
+      if clash:
+        raise ValueError(f"Sources {source!r} and {clash[0]!r} map to the same split name "
+                         f"{split!r}; rename one of them.")
+      writers[source] = open(os.path.join(stage, split + ".jsonl"), "w", encoding="utf-8")
       negatives[source] = []
     writers[source].write(json.dumps(
         {"query": record["query"], "document": record["document"],
-         "negatives": record["negatives"]}).encode())
+         "negatives": record["negatives"]}) + "\n")
     negatives[source].append(len(record["negatives"]))
   for writer in writers.values():
     writer.close()
   if not writers:
     shutil.rmtree(tmp)
     raise ValueError("No valid records to write: every input line was malformed or empty.")
+  builder.build({builder.split_name(s): w.name for s, w in writers.items()},
+                os.path.join(tmp, TFDS_DIR))
+  shutil.rmtree(stage)
   sources = {}
   for source in sorted(writers):
     np.save(os.path.join(tmp, f"negatives-{_safe(source)}.npy"),
             np.asarray(negatives[source], np.int32))
-    sources[source] = {"file": f"train-{_safe(source)}.array_record",
+    sources[source] = {"split": builder.split_name(source),
                        "negatives_file": f"negatives-{_safe(source)}.npy",
                        "num_examples": len(negatives[source])}
   info = {"format": FORMAT, "sources": sources,
@@ -78,8 +89,10 @@ def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
   if os.path.exists(out_dir):
     # Keep what else the folder holds (a held-out split), replace the examples.
     for name in os.listdir(out_dir):
-      if name.startswith(("train-", "negatives-")) or name in (INFO, "tokenizer.model"):
+      if name.startswith("negatives-") or name in (INFO, "tokenizer.model"):
         os.remove(os.path.join(out_dir, name))
+      elif name == TFDS_DIR:
+        shutil.rmtree(os.path.join(out_dir, name))
     for name in os.listdir(tmp):
       os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
@@ -101,16 +114,27 @@ def read_info(data_dir: str) -> dict:
   return info
 
 
-class SourceReader:
-  """Random access to one source's examples."""
+def open_splits(data_dir: str) -> dict:
+  """Split name -> random-access data source of the dataset's TFDS folder."""
+  return builder.data_sources(os.path.join(data_dir, TFDS_DIR))
 
-  def __init__(self, data_dir: str, entry: dict):
-    self.path = os.path.join(data_dir, entry["file"])
-    self.reader = array_record_module.ArrayRecordReader(self.path)
+
+class SourceReader:
+  """Random access to one source's examples (a split of the TFDS dataset)."""
+
+  def __init__(self, data_dir: str, entry: dict, sources: Optional[dict] = None):
+    sources = sources if sources is not None else open_splits(data_dir)
+    self.source = sources[entry["split"]]
     self.num_negatives = np.load(os.path.join(data_dir, entry["negatives_file"]))
+    if len(self.source) != len(self.num_negatives):
+      raise ValueError(f"{data_dir}: split {entry['split']!r} holds {len(self.source)} examples "
+                       f"but {entry['negatives_file']} counts {len(self.num_negatives)}; "
+                       "rebuild the dataset with launch/prepare_data.py.")
 
   def __len__(self) -> int:
     return len(self.num_negatives)
 
   def read(self, indices: list[int]) -> list[dict]:
-    return [json.loads(b) for b in self.reader.read(list(map(int, indices)))]
+    rows = self.source.__getitems__([int(i) for i in indices])
+    return [{"query": r["query"].decode(), "document": r["document"].decode(),
+             "negatives": [n.decode() for n in r["negatives"]]} for r in rows]

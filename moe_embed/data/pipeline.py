@@ -52,8 +52,9 @@ class TrainIterator:
     self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
     self.seed = seed
     self.readers, self.eligible = {}, {}
+    splits = dataset.open_splits(data_dir)
     for name, entry in info["sources"].items():
-      reader = dataset.SourceReader(data_dir, entry)
+      reader = dataset.SourceReader(data_dir, entry, splits)
       eligible = (np.arange(len(reader)) if not num_negatives
                   else np.flatnonzero(reader.num_negatives > 0))
       if len(eligible) < global_batch_size:

@@ -1,0 +1,88 @@
+"""TFDS builder for contrastive pairs: one split per source, ArrayRecord files.
+
+The examples are staged as one JSONL file per source (already validated and
+deduplicated by `dataset.write_dataset`); the builder turns each into a split of
+ArrayRecord shards that `tfds.data_source` reads with random access and without
+TensorFlow. Example order within a split is the staging order (no shuffling), so
+a record's index is stable and the batch iterator's permutations are
+reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping
+
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core.utils import py_utils
+
+NAME = "contrastive_pairs"
+DATASET_VERSION = "1.0.0"
+
+
+def split_name(source: str) -> str:
+  """A TFDS split name for a source name (letters, digits and underscores)."""
+  return re.sub(r"\W", "_", source)
+
+
+class ContrastivePairs(tfds.core.GeneratorBasedBuilder):
+  """{"query", "document", "negatives": [...]} examples, one split per source."""
+
+  name = NAME
+  VERSION = tfds.core.Version(DATASET_VERSION)
+  RELEASE_NOTES = {DATASET_VERSION: "Query, document and hard negatives per source."}
+
+  @py_utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's default looks the file up through package resources, which needs the
+    # optional `importlib_resources` package for a builder outside TFDS.
+    return epath.Path(__file__)
+
+  def __init__(self, *, staged: Mapping[str, str] | None = None, **kwargs):
+    # staged: split name -> JSONL file of that split's examples (building only).
+    self._staged = dict(staged or {})
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Contrastive (query, document, hard negatives) pairs per source.",
+        features=tfds.features.FeaturesDict({
+            "query": tfds.features.Text(),
+            "document": tfds.features.Text(),
+            "negatives": tfds.features.Sequence(tfds.features.Text()),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if not self._staged:
+      raise ValueError("ContrastivePairs is built by moe_embed.data.prepare from JSONL files.")
+    return {split: self._generate_examples(path) for split, path in self._staged.items()}
+
+  def _generate_examples(self, path: str):
+    with open(path, encoding="utf-8") as f:
+      for index, line in enumerate(f):
+        yield index, json.loads(line)
+
+
+def build(staged: Mapping[str, str], tfds_dir: str) -> None:
+  """Builds the ArrayRecord splits under tfds_dir/contrastive_pairs/1.0.0."""
+  builder = ContrastivePairs(staged=staged, data_dir=tfds_dir,
+                             file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def data_sources(tfds_dir: str) -> dict:
+  """Split name -> random-access source of decoded examples (bytes values)."""
+  return tfds.data_source(NAME, data_dir=tfds_dir, try_gcs=False)
+
+
+def dataset_path(tfds_dir: str) -> str:
+  return os.path.join(tfds_dir, NAME, DATASET_VERSION)
