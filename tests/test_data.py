@@ -65,12 +65,17 @@ def test_prepare_counts_duplicates_and_malformed_lines(tmp_path):
 def test_prepare_data_launcher(tmp_path):
   _write_jsonl(tmp_path / "in.jsonl", _records({"x": 40}), extra_lines=['{"query": 1}'])
   proc = subprocess.run([sys.executable, "launch/prepare_data.py", f"--input={tmp_path}/in.jsonl",
-                         f"--output={tmp_path}/ds", "--train_tokenizer_vocab=120"],
+                         f"--output={tmp_path}/ds", "--train_tokenizer_vocab=120",
+                         "--max_query_len=4", "--max_doc_len=512"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "Wrote 40 examples" in proc.stdout and "skipped 1 malformed" in proc.stdout
   assert "in.jsonl:41: missing or empty 'query'" in proc.stdout
   assert os.path.exists(tmp_path / "ds" / "tokenizer.model")
+  # Every query is longer than 2 pieces; no document reaches 510.
+  assert "truncated of the first 40: 40 queries (> 4), 0 documents (> 512)" in proc.stdout
+  info = dataset.read_info(str(tmp_path / "ds"))
+  assert info["truncated"] == {"x": {"sampled": 40, "queries": 40, "documents": 0}}
   missing = subprocess.run([sys.executable, "launch/prepare_data.py", "--input=/no/such.jsonl",
                             f"--output={tmp_path}/x"], cwd=REPO, capture_output=True, text=True)
   assert missing.returncode != 0 and "/no/such.jsonl does not exist" in missing.stderr

@@ -20,8 +20,16 @@ DEFAULT_VOCAB = 4096
 
 
 def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] = None,
-            train_tokenizer_vocab: int = 0) -> tuple[dict, jsonl.ReadReport]:
-  """Builds a dataset folder from JSONL files; trains a SentencePiece model if asked."""
+            train_tokenizer_vocab: int = 0, max_query_len: int = 0,
+            max_doc_len: int = 0) -> tuple[dict, jsonl.ReadReport]:
+  """Builds a dataset folder from JSONL files; trains a SentencePiece model if asked.
+
+  Texts are stored untokenised and tokenised by the batch iterator (prefixes and
+  lengths stay training options; benchmarks/data_loader.py measures the cost).
+  With a tokenizer and max_query_len / max_doc_len, info["truncated"] reports
+  per source how many of the first `TRUNCATION_SAMPLE` queries and documents
+  those lengths would cut.
+  """
   files = jsonl.expand_inputs(inputs)
   report = jsonl.ReadReport()
   tokenizer_path = tokenizer
@@ -37,7 +45,35 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
   info = dataset.write_dataset(jsonl.read_records(files, report), output, report,
                                tokenizer_path if tokenizer_path and
                                not tokenizer_path.endswith(".json") else None)
+  if train_tokenizer_vocab:
+    shutil.rmtree(os.path.dirname(tokenizer_path), ignore_errors=True)
+    tokenizer_path = os.path.join(output, info["tokenizer"])
+  if tokenizer_path and (max_query_len or max_doc_len):
+    info["truncated"] = truncation_stats(output, tokenizer_path, max_query_len, max_doc_len)
+    with open(os.path.join(output, dataset.INFO), "w") as f:
+      json.dump(info, f, indent=2)
   return info, report
+
+
+TRUNCATION_SAMPLE = 10_000
+
+
+def truncation_stats(data_dir: str, tokenizer_path: str, max_query_len: int,
+                     max_doc_len: int) -> dict[str, dict[str, int]]:
+  """Per source: {"sampled", "queries", "documents"} cut at the given lengths."""
+  from moe_embed.tokenizers import load_tokenizer
+  tok = load_tokenizer(tokenizer_path)
+  splits = dataset.open_splits(data_dir)
+  stats = {}
+  for source, entry in dataset.read_info(data_dir)["sources"].items():
+    reader = dataset.SourceReader(data_dir, entry, splits)
+    records = reader.read(list(range(min(len(reader), TRUNCATION_SAMPLE))))
+    stats[source] = {"sampled": len(records), "queries": 0, "documents": 0}
+    if max_query_len:
+      stats[source]["queries"] = tok.encode([r["query"] for r in records], max_query_len)[1]
+    if max_doc_len:
+      stats[source]["documents"] = tok.encode([r["document"] for r in records], max_doc_len)[1]
+  return stats
 
 
 def default_cache_dir() -> str:

@@ -12,6 +12,11 @@ A batch (numpy, per process; b = B / P):
   doc_mask bool [b, Ld], and with hard negatives neg_ids int32 [b, N, Ld],
   neg_mask bool [b, N, Ld]. With N > 0 only examples that have negatives are
   used; an example with fewer than N repeats its list (hardest first).
+
+Texts are tokenised here rather than stored as ids: on the stdlib data at batch
+256, length 128, reading takes about 10 ms and tokenising about 7 ms per batch
+on one CPU core (benchmarks/data_loader.py), tens of batches/s, and prefixes and
+lengths stay training options.
 """
 
 from __future__ import annotations
