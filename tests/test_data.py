@@ -62,6 +62,22 @@ def test_prepare_counts_duplicates_and_malformed_lines(tmp_path):
   assert got[3]["negatives"] == rows[33]["negatives"]
 
 
+def test_dataset_is_a_tfds_dataset_and_empty_input_is_an_error(tmp_path):
+  import tensorflow_datasets as tfds
+  rows = _records({"p": 6, "q-r": 4}, negatives=1)
+  _write_jsonl(tmp_path / "in.jsonl", rows)
+  info, _ = data.prepare(str(tmp_path / "in.jsonl"), str(tmp_path / "out"))
+  assert {s: e["split"] for s, e in info["sources"].items()} == {"p": "p", "q-r": "q_r"}
+  splits = tfds.data_source("contrastive_pairs", data_dir=str(tmp_path / "out" / "tfds"))
+  assert {k: len(v) for k, v in splits.items()} == {"p": 6, "q_r": 4}
+  assert splits["q_r"][2] == {"query": rows[8]["query"].encode(),
+                              "document": rows[8]["document"].encode(),
+                              "negatives": [rows[8]["negatives"][0].encode()]}
+  _write_jsonl(tmp_path / "bad.jsonl", [], extra_lines=["{", '{"query": "q"}'])
+  with pytest.raises(ValueError, match="No valid records"):
+    data.prepare(str(tmp_path / "bad.jsonl"), str(tmp_path / "empty"))
+
+
 def test_prepare_data_launcher(tmp_path):
   _write_jsonl(tmp_path / "in.jsonl", _records({"x": 40}), extra_lines=['{"query": 1}'])
   proc = subprocess.run([sys.executable, "launch/prepare_data.py", f"--input={tmp_path}/in.jsonl",

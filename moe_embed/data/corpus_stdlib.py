@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import sysconfig
+import warnings
 from typing import Iterator
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -54,7 +55,8 @@ def iter_stdlib_pairs(stdlib_dir: str | None = None) -> Iterator[dict]:
       path = os.path.join(dirpath, filename)
       module = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
       try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f, warnings.catch_warnings():
+          warnings.simplefilter("ignore")  # Invalid escapes in old stdlib strings.
           tree = ast.parse(f.read())
       except (SyntaxError, UnicodeDecodeError, ValueError):
         continue
