@@ -17,8 +17,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
@@ -45,13 +43,11 @@ def main(argv):
   read_s = tok_s = 0.0
   state = it.get_state()
   for _ in range(_BATCHES.value):
-    source = it.source_of_step(state["step"])
-    positions = np.arange(state["cursors"][source], state["cursors"][source] + _BATCH.value)
     start = time.perf_counter()
-    records = it.readers[source].read(list(it._stream(source, positions)))  # pylint: disable=protected-access
+    source, records = it.records_at(state)
     read_s += time.perf_counter() - start
     start = time.perf_counter()
-    it._tokenize(records)  # pylint: disable=protected-access
+    it.tokenize(records)
     tok_s += time.perf_counter() - start
     state["cursors"][source] += _BATCH.value
     state["step"] += 1

@@ -128,17 +128,20 @@ class TrainIterator:
 
   def batch_at(self, state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     """(this process's batch for `state`, the state after it)."""
-    step = state["step"]
-    source = self.source_of_step(step)
-    start = state["cursors"][source] + self.process_index * self.local_batch
-    positions = np.arange(start, start + self.local_batch)
-    records = self.readers[source].read(list(self._stream(source, positions)))
-    batch = self._tokenize(records)
+    source, records = self.records_at(state)
+    batch = self.tokenize(records)
     cursors = dict(state["cursors"])
     cursors[source] += self.batch_size
-    return batch, {"step": step + 1, "cursors": cursors}
+    return batch, {"step": state["step"] + 1, "cursors": cursors}
 
-  def _tokenize(self, records: list[dict]) -> dict[str, np.ndarray]:
+  def records_at(self, state: Mapping[str, Any]) -> tuple[str, list[dict]]:
+    """(source, this process's untokenised records) of the batch at `state`."""
+    source = self.source_of_step(state["step"])
+    start = state["cursors"][source] + self.process_index * self.local_batch
+    positions = np.arange(start, start + self.local_batch)
+    return source, self.readers[source].read(list(self._stream(source, positions)))
+
+  def tokenize(self, records: list[dict]) -> dict[str, np.ndarray]:
     tok = self.tokenizer
     q, _ = tok.encode([self.query_prefix + r["query"] for r in records], self.max_query_len)
     d, _ = tok.encode([self.doc_prefix + r["document"] for r in records], self.max_doc_len)
