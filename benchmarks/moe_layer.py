@@ -161,10 +161,16 @@ def main(argv):
           notes += f"; median of {moe_runs} (moe) / {dense_runs} (dense) runs"
         print(f"{d:6d} {tokens:7d} {path:>20s} {moe_ms:9.1f} {dense_ms:9.1f} "
               f"{row['ratio']:6.2f}  {notes}", flush=True)
+        _write(rows)  # After every row, so that an interrupted run keeps its rows.
+  _write(rows)
+  if _JSON.value:
+    print(f"Wrote {len(rows)} rows to {_JSON.value}")
+
+
+def _write(rows: list[dict]) -> None:
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=2)
-    print(f"Wrote {len(rows)} rows to {_JSON.value}")
 
 
 if __name__ == "__main__":
