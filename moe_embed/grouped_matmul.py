@@ -5,13 +5,18 @@ Rows of `lhs` are grouped by expert: group e occupies rows
 to a multiple of `tile` rows (zeros in the padding), and is multiplied by
 `rhs[e]`. Axis letters: P buffer rows, D input width, F output width, E experts.
 
-Two kernels, chosen per backend (`kernel_for_backend`):
+Three kernels, selectable by name; `kernel_for_backend` resolves 'auto':
+- 'windowed' (auto on CPU): expert e does one large matmul over a static
+  window of W rows (about the average group) starting at its group, keeps the
+  rows that are its own, and covers a longer group with the tile loop below.
+  Custom VJP of the same form. With balanced routing nearly all FLOPs are in E
+  large matmuls.
 - 'tiled': for each expert, a loop over its row tiles with that expert's
   weights (one weight slice per expert, no per-tile weight copies) and a custom
-  VJP of the same form. On CPU it runs within ~1.5x of a dense matmul of equal
-  FLOPs, where `jax.lax.ragged_dot` runs ~8x slower (benchmarks/moe_layer.py).
+  VJP of the same form.
 - 'ragged_dot': `jax.lax.ragged_dot` on unpadded groups (tile = 1); GPU and TPU
-  lower it to grouped kernels.
+  lower it to grouped kernels. On CPU it runs ~10x slower than a dense matmul
+  of equal FLOPs (benchmarks/moe_layer.py prints the comparison).
 """
 
 from __future__ import annotations
