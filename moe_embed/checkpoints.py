@@ -69,19 +69,17 @@ def latest_params(workdir: str) -> tuple[Any, EncoderConfig, dict]:
   config = EncoderConfig.from_dict(meta.pop("encoder"))
   manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=("state", "data"))
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)} yet.")
-  # Restore only the parameters, as host numpy arrays whatever mesh saved them.
+  # Onto one device, whatever mesh and device count saved it.
   metadata = manager.item_metadata(step)["state"]
   tree = metadata.tree if hasattr(metadata, "tree") else metadata
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=None), tree)
-  restore_args = jax.tree.map(
-      lambda _: ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-      tree)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   params = jax.device_get(restored["state"]["params"]["model"])
   manager.close()
   meta["step"] = int(step)
