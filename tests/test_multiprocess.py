@@ -8,25 +8,15 @@ import sys
 
 import pytest
 
-from configs import finetune
 from moe_embed import data, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir):
-  c = finetune.get_config("tiny")
-  c.data = data_dir
-  c.batch_size = 16
-  c.input.max_query_len = 16
-  c.input.max_doc_len = 32
-  c.total_steps = 4
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 100
-  c.optimizer.warmup_steps = 1
-  c.eval.enabled = False
-  c.mesh.expert = 2
-  return c
+  """The trainer tests' tiny config, 4 steps, experts split over 2 devices."""
+  from tests.test_trainer import _tiny
+  return _tiny(data_dir, **{"total_steps": 4, "optimizer.warmup_steps": 1, "mesh.expert": 2})
 
 
 def _free_port():
