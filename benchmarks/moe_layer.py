@@ -10,7 +10,9 @@ the input x, for
 - one MoE block, `moe.MoeMlp`, with 8 experts and top-2 routing
   (`model_config.preset(width, num_experts=8, top_k=2, moe_every_n_layers=2,
   dtype='float32')`), once per path:
-    dropless             sort + grouped matmul, the 'tiled' kernel;
+    dropless             sort + grouped matmul, the backend's default kernel
+                         ('windowed' on CPU);
+    dropless_tiled       the same with the 'tiled' kernel;
     capacity             one-hot einsum dispatch, capacity_factor 1.25;
     dropless_ragged_dot  the dropless path with `jax.lax.ragged_dot`;
 - a dense `layers.Mlp` of the same config with mlp_dim = F * top_k and no MoE,
@@ -46,7 +48,7 @@ import numpy as np
 
 from moe_embed import layers, model_config, moe
 
-PATHS = ("dropless", "capacity", "dropless_ragged_dot")
+PATHS = ("dropless", "dropless_tiled", "capacity", "dropless_ragged_dot")
 SEQ = 128
 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
@@ -104,7 +106,10 @@ def _config(width: str, path: str) -> model_config.EncoderConfig:
                              dtype="float32", capacity_factor=1.25)
   if path == "dropless_ragged_dot":
     return base.replace(moe_dispatch="dropless", grouped_matmul="ragged_dot")
-  return base.replace(moe_dispatch=path, grouped_matmul="tiled")
+  if path == "dropless_tiled":
+    return base.replace(moe_dispatch="dropless", grouped_matmul="tiled")
+  # 'dropless' and 'capacity' with the backend's default kernel ('windowed' on CPU).
+  return base.replace(moe_dispatch=path, grouped_matmul="auto")
 
 
 def _measure(module: nn.Module, x: jax.Array, mask: jax.Array, label: str):
