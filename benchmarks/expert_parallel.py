@@ -2,9 +2,10 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/expert_parallel.py
 
-Times a jitted forward+backward of the nomic_v2_moe encoder (12 layers, width 768,
-8 experts, top-2; vocabulary cut to --vocab so that eight replicas fit in host
-memory) at a small batch on meshes data x expert = 8/1, 2/4, 1/8. Fake devices
+Times a jitted forward+backward of the nomic_v2_moe encoder (width 768, MLP 3072,
+8 experts, top-2; --layers of its 12 and a --vocab cut, because eight fake
+devices on one host each hold a replica of the dense weights and all-reduce
+their gradients) at a small batch on meshes data x expert = 8/1, 2/4, 1/8. Fake devices
 share the host's cores, so times compare configurations, nothing more. From each
 compiled module it reads the all-to-all operations and their operand shapes, and
 reports bytes per token per all_to_all against the design estimate (T*K*D
@@ -30,7 +31,9 @@ from moe_embed.encoder import EmbeddingModel, init_params  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step (global).")
 _SEQ = flags.DEFINE_integer("seq", 64, "Tokens per sequence.")
-_VOCAB = flags.DEFINE_integer("vocab", 8192, "Vocabulary size (the preset has 250,048).")
+_VOCAB = flags.DEFINE_integer("vocab", 1024, "Vocabulary size (the preset has 250,048).")
+_LAYERS = flags.DEFINE_integer(
+    "layers", 2, "Encoder layers (the preset has 12); layer 1 of every pair is MoE.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps (median).")
 
@@ -54,7 +57,8 @@ def all_to_all_bytes(hlo: str) -> list[int]:
 
 def main(argv):
   del argv
-  config = model_config.preset("nomic_v2_moe", vocab_size=_VOCAB.value, dtype=_DTYPE.value)
+  config = model_config.preset("nomic_v2_moe", vocab_size=_VOCAB.value, dtype=_DTYPE.value,
+                               num_layers=_LAYERS.value)
   params = nn.meta.unbox(init_params(config, jax.random.PRNGKey(0)))
   model = EmbeddingModel(config)
   rng = np.random.default_rng(0)
