@@ -41,17 +41,20 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "pred": 1, "u32": 4}
 
 
 def all_to_all_bytes(hlo: str) -> list[int]:
-  """Bytes of the first operand of every all-to-all in an HLO module's text."""
+  """Bytes each all-to-all in an HLO module's text returns (all tuple elements summed).
+
+  XLA may split one exchange into a tuple with one [rows, D] piece per peer.
+  """
   sizes = []
   for line in hlo.splitlines():
-    if " all-to-all(" not in line:
+    if " all-to-all(" not in line or "=" not in line:
       continue
-    match = re.search(r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\]", line)
-    if not match:
-      continue
-    dtype, dims = match.groups()
-    count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-    sizes.append(count * _DTYPE_BYTES.get(dtype, 4))
+    result_type = line.split("=", 1)[1].split("all-to-all(", 1)[0]
+    total = 0
+    for dtype, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", result_type):
+      count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      total += count * _DTYPE_BYTES.get(dtype, 4)
+    sizes.append(total)
   return sizes
 
 
