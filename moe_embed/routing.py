@@ -68,10 +68,8 @@ def statistics(routing: Routing, dropped: jax.Array | None = None) -> dict[str, 
 
 def load_balancing_loss(stats: dict[str, jax.Array], top_k: int) -> jax.Array:
   """Switch loss E * sum_e f_e * P_e from one call's statistics (1.0 when uniform)."""
-  n = jnp.maximum(stats["num_tokens"], 1.0)
-  num_experts = stats["prob_sum"].shape[-1]
-  fraction = stats["expert_counts"] / (n * top_k)
-  return num_experts * jnp.sum(fraction * stats["prob_sum"] / n)
+  from moe_embed import router_stats  # The one definition, shared with the train step.
+  return router_stats.router_losses({"layer": stats}, top_k=top_k)[0]
 
 
 def metrics(stats: dict[str, jax.Array], top_k: int) -> dict[str, jax.Array]:
