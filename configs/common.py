@@ -10,9 +10,6 @@ import ml_collections
 
 from moe_embed import model_config
 
-RUNTIME_ENCODER_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "grouped_matmul")
-
-
 def parse_arg(arg: str | None, **defaults):
   """Parses 'a,b=c' into a ConfigDict over `defaults`; a bare word sets `model`."""
   out = ml_collections.ConfigDict(defaults)
@@ -32,7 +29,7 @@ def encoder_fields(model: str) -> ml_collections.ConfigDict:
     fields = model_config.preset(model).to_dict()
   else:
     defaults = model_config.EncoderConfig().to_dict()
-    fields = {k: defaults[k] for k in RUNTIME_ENCODER_FIELDS}
+    fields = {k: defaults[k] for k in model_config.RUNTIME_FIELDS}
   return ml_collections.ConfigDict(fields)
 
 

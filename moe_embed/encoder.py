@@ -108,11 +108,3 @@ def init_params(config: EncoderConfig, rng: jax.Array, seq_len: int = 8) -> Any:
   ids = jnp.zeros((1, seq_len), jnp.int32)
   return EmbeddingModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
 
-
-def router_losses(aux: Aux) -> tuple[jax.Array, jax.Array]:
-  """Mean load-balancing and z-loss over MoE layers (zeros for a dense model)."""
-  if not aux:
-    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-  lb = jnp.mean(jnp.stack([m["load_balancing_loss"] for m in aux.values()]))
-  z = jnp.mean(jnp.stack([m["router_z_loss"] for m in aux.values()]))
-  return lb, z

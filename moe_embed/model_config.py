@@ -106,6 +106,11 @@ class EncoderConfig:
     return cls(**fields)
 
 
+# Fields that change how the model runs, not what it computes; they may be
+# overridden when training starts from a model folder.
+RUNTIME_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "grouped_matmul")
+
+
 def _field_names() -> list[str]:
   return [f.name for f in dataclasses.fields(EncoderConfig)]
 

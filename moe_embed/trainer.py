@@ -46,8 +46,7 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[model_config.Enc
         "existing model folder.")
   from moe_embed import model_io  # Imported lazily: pulls in checkpoint importers.
   params, loaded, meta = model_io.load_any(model)
-  runtime = {k: v for k, v in overrides.items() if k in ("dtype", "remat", "moe_dispatch",
-                                                         "capacity_factor", "grouped_matmul")}
+  runtime = {k: v for k, v in overrides.items() if k in model_config.RUNTIME_FIELDS}
   ignored = sorted(k for k, v in overrides.items()
                    if k not in runtime and getattr(loaded, k, v) != v)
   if ignored:
