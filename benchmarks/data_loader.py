@@ -36,10 +36,10 @@ def main(argv):
   data_dir = data.ensure_default_data()
   tokenizer = load_tokenizer(data.dataset_tokenizer_path(data_dir))
   # Where a batch's time goes: random reads through tfds.data_source vs tokenising.
-  it = data.make_train_iterator(
-      data_dir, tokenizer=tokenizer, global_batch_size=_BATCH.value, max_query_len=_LENGTH.value,
-      max_doc_len=_LENGTH.value, query_prefix="search_query: ", doc_prefix="search_document: ",
-      seed=0, prefetch=0)
+  inputs = data.InputConfig(max_query_len=_LENGTH.value, max_doc_len=_LENGTH.value,
+                            query_prefix="search_query: ", doc_prefix="search_document: ")
+  it = data.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
+                                global_batch_size=_BATCH.value, seed=0, prefetch=0)
   read_s = tok_s = 0.0
   state = it.get_state()
   for _ in range(_BATCHES.value):
@@ -54,10 +54,8 @@ def main(argv):
   print(f"per batch: read {1e3 * read_s / _BATCHES.value:.1f} ms, "
         f"tokenise {1e3 * tok_s / _BATCHES.value:.1f} ms")
   for prefetch in (0, 2):
-    it = data.make_train_iterator(
-        data_dir, tokenizer=tokenizer, global_batch_size=_BATCH.value,
-        max_query_len=_LENGTH.value, max_doc_len=_LENGTH.value, query_prefix="search_query: ",
-        doc_prefix="search_document: ", seed=0, prefetch=prefetch)
+    it = data.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
+                                  global_batch_size=_BATCH.value, seed=0, prefetch=prefetch)
     next(it)
     start = time.perf_counter()
     for _ in range(_BATCHES.value):
@@ -68,7 +66,7 @@ def main(argv):
           f"at length {_LENGTH.value} ({rate * _BATCH.value:.0f} pairs/s)")
   if _STEPS.value:
     from configs import finetune
-    from moe_embed import trainer
+    from moe_embed.train import trainer
     config = finetune.get_config("tiny")
     config.total_steps = _STEPS.value
     config.log_every_steps = _STEPS.value

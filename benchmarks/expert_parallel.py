@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moe_embed import model_config, partitioning  # noqa: E402
-from moe_embed.encoder import EmbeddingModel, init_params  # noqa: E402
+from moe_embed.model.encoder import EmbeddingModel, init_params  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step (global).")
 _SEQ = flags.DEFINE_integer("seq", 64, "Tokens per sequence.")

@@ -7,7 +7,7 @@ What it measures: for each width (minilm: D=384, F=1536; nomic_v2_moe: D=768,
 F=3072) and token count (batch tokens/128 x sequence 128, every token real), the
 time of a jitted jax.grad of sum(y * probe) with respect to the parameters and
 the input x, for
-- one MoE block, `moe.MoeMlp`, with 8 experts and top-2 routing
+- one MoE block, `moe_mlp.MoeMlp`, with 8 experts and top-2 routing
   (`model_config.preset(width, num_experts=8, top_k=2, moe_every_n_layers=2,
   dtype='float32')`), once per path:
     dropless             sort + grouped matmul, the backend's default kernel
@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_embed import layers, model_config, moe
+from moe_embed.model import config as model_config
+from moe_embed.model import layers
+from moe_embed.model import moe_mlp
 
 PATHS = ("dropless", "dropless_tiled", "capacity", "dropless_ragged_dot")
 SEQ = 128
@@ -67,7 +69,7 @@ _BUDGET_S = flags.DEFINE_float(
 def _grad_fn(module: nn.Module, x: jax.Array, mask: jax.Array):
   """jit(grad of sum(y * probe)) with respect to (params, x)."""
   probe = jax.random.normal(jax.random.PRNGKey(2), x.shape, x.dtype)
-  is_moe = isinstance(module, moe.MoeMlp)
+  is_moe = isinstance(module, moe_mlp.MoeMlp)
 
   def loss(params, x):
     y = module.apply(params, x, mask)[0] if is_moe else module.apply(params, x)
@@ -114,7 +116,7 @@ def _config(width: str, path: str) -> model_config.EncoderConfig:
 
 def _measure(module: nn.Module, x: jax.Array, mask: jax.Array, label: str):
   """(ms, timed runs, GB), or None after printing why the configuration is skipped."""
-  init_args = (x, mask) if isinstance(module, moe.MoeMlp) else (x,)
+  init_args = (x, mask) if isinstance(module, moe_mlp.MoeMlp) else (x,)
   params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), *init_args))
   compiled, gb = _compile(_grad_fn(module, x, mask), params, x)
   if gb > _MAX_GB.value:
@@ -153,7 +155,7 @@ def main(argv):
         continue
       dense_ms, dense_runs, dense_gb = dense
       for path in _PATHS.value:
-        result = _measure(moe.MoeMlp(_config(width, path)), x, mask,
+        result = _measure(moe_mlp.MoeMlp(_config(width, path)), x, mask,
                           f"{path} D={d} T={tokens}")
         if result is None:
           continue

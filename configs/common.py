@@ -8,7 +8,26 @@ from __future__ import annotations
 
 import ml_collections
 
-from moe_embed import model_config
+from moe_embed.model import config as model_config
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_value(key: str, text: str, default):
+  """`text` as the type of `default`; booleans strictly, numbers with a clear error."""
+  if default is None or isinstance(default, str):
+    return text
+  if isinstance(default, bool):
+    if text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise ValueError(f"Config argument {key}={text!r} is not a boolean; use true or false.")
+  try:
+    return type(default)(text)
+  except ValueError:
+    raise ValueError(f"Config argument {key}={text!r} is not a {type(default).__name__}.") from None
+
 
 def parse_arg(arg: str | None, **defaults):
   """Parses 'a,b=c' into a ConfigDict over `defaults`; a bare word sets `model`."""
@@ -19,7 +38,7 @@ def parse_arg(arg: str | None, **defaults):
       key, value = "model", key
     if key not in out:
       raise KeyError(f"Unknown config argument {key!r}; known: {sorted(out.keys())}.")
-    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+    out[key] = _parse_value(key, value, defaults[key])
   return out
 
 
@@ -39,7 +58,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # What to train: a preset name ('tiny', 'minilm', 'nomic_v2_moe') for fresh
   # weights, or a model folder (imported, upcycled) to start from.
   c.model = model
-  # Architecture (see moe_embed/model_config.py). For a model folder, only the
+  # Architecture (see moe_embed/model/config.py). For a model folder, only the
   # runtime fields (dtype, remat, moe_dispatch, capacity_factor, grouped_matmul) apply.
   c.encoder = encoder_fields(model)
   c.encoder.dtype = "bfloat16"  # Compute dtype; params, router and loss stay float32.
@@ -57,6 +76,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.input.doc_prefix = "search_document: "  # Prepended to every document.
   # Source name -> sampling weight; None = proportional to source size.
   c.input.source_weights = ml_collections.config_dict.placeholder(dict)
+  # False: data without any hard negatives trains with in-batch negatives only
+  # (with a logged note) instead of failing.
+  c.input.negatives_required = True
 
   c.seed = 0  # Parameter init, data order.
   c.batch_size = 256  # Global batch (queries per step), split over the mesh.
@@ -120,3 +142,5 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
   c.loss.temperature = 0.05
   c.eval.batch_size = 256
   c.eval.max_length = 128
+  # Hard negatives where the data has them; the embedded corpus has none.
+  c.input.negatives_required = False

@@ -26,8 +26,9 @@ def get_config(arg=None):
   c.loss.temperature = 0.02
   c.loss.load_balancing_coef = 0.0
   if args.model == "tiny":
+    # Hard negatives stay on where the data has them (--config.data); the embedded
+    # corpus has none and trains with in-batch negatives (apply_tiny).
     common.apply_tiny(c)
-    c.input.num_negatives = 0  # The embedded stdlib pairs carry no mined negatives.
   if args.steps:
     c.total_steps = args.steps
   return c

@@ -32,7 +32,8 @@ def main(argv):
   if _MARGIN.value is not None and _ABS_MARGIN.value is not None:
     sys.exit("Error: give --margin or --abs_margin, not both.")
   margin = None if _ABS_MARGIN.value is not None else (_MARGIN.value or 0.95)
-  from moe_embed import inference, mining
+  from moe_embed import inference
+  from moe_embed.data import mining
   from moe_embed.data import jsonl
   try:
     report = jsonl.ReadReport()

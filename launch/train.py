@@ -46,7 +46,7 @@ def main(argv):
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).",
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
-  from moe_embed import trainer
+  from moe_embed.train import trainer
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except trainer.ConfigError as e:

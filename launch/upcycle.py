@@ -30,17 +30,17 @@ flags.mark_flags_as_required(["model", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from moe_embed import model_io, upcycle
+  from moe_embed.io import model_folder
+  from moe_embed.model import upcycle
   try:
-    params, config, meta = model_io.load_any(_MODEL.value)
+    params, config, meta = model_folder.load_any(_MODEL.value)
     moe_params, moe_config = upcycle.upcycle(
         params, config, num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value,
         moe_every_n_layers=_EVERY.value, renormalize_topk=_RENORM.value,
         keep_biases=_KEEP_BIASES.value, noise_std=_NOISE.value, seed=_SEED.value)
-    moe_config.__post_init__()
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"Error: {e}")
-  model_io.save_model_folder(
+  model_folder.save_model_folder(
       _OUT.value, moe_params, moe_config, tokenizer_path=meta["tokenizer"],
       query_prefix=meta.get("query_prefix", ""), doc_prefix=meta.get("doc_prefix", ""),
       max_length=meta.get("max_length", 512))

@@ -1,0 +1,13 @@
+"""moe-embed: sparse Mixture-of-Experts text embedding models in JAX/Flax.
+
+Packages, lowest first (each may import only those before it, plus the shared
+leaves `partitioning` and `tokenizers`; tests/test_layout.py checks this):
+
+  moe         routing, router statistics, experts, grouped matmul, expert parallelism
+  model       the Flax encoder and embedding model, configs, upcycling
+  io          the model-folder format, Orbax checkpoints, Hugging Face import/export
+  evaluation  BEIR retrieval evaluation
+  data        datasets, the batch iterator, the embedded corpus, mining
+  inference   Embedder: texts -> embeddings
+  train       losses, optimizer, train step and the training job
+"""

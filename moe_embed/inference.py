@@ -9,6 +9,11 @@ back in input order, float32, L2-normalised. Texts longer than max_length
 tokens are truncated and counted (a logged warning, and `last_truncated`).
 Empty texts are not an error: they are embedded as the prefix and special
 tokens alone, with a logged warning, so that rows stay aligned with the input.
+
+Given a mesh and the parameters' shardings, the forward pass runs sharded: the
+rows of each batch split over the mesh as in training, parameters stay where
+they are (no copy to the host), and the embeddings come back replicated to
+every process. The trainer evaluates this way at start, during and at the end.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_embed import pooling
-from moe_embed.encoder import EmbeddingModel
-from moe_embed.model_config import EncoderConfig
+from moe_embed import partitioning
+from moe_embed.model import pooling
+from moe_embed.model.config import EncoderConfig
+from moe_embed.model.encoder import EmbeddingModel
 
 PREFIXES = {"query": "query_prefix", "document": "doc_prefix", "none": None}
 
@@ -38,15 +44,24 @@ class Embedder:
   """Encodes texts with fixed parameters; holds the jitted forward per shape."""
 
   def __init__(self, config: EncoderConfig, params: Any, tokenizer, *, max_length: int = 512,
-               query_prefix: str = "", doc_prefix: str = ""):
+               query_prefix: str = "", doc_prefix: str = "", mesh=None, rules=None,
+               param_shardings: Any = None):
+    """`mesh`, `rules` and `param_shardings` (a tree like `params`) run it sharded."""
     self.config = config
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
-    self.params = params  # Swappable: evaluation during training sets new ones.
+    self.params = params  # Swappable: evaluation during training sets the current ones.
     model = EmbeddingModel(config)
-    self._forward = jax.jit(
-        lambda params, ids, mask: model.apply({"params": params}, ids, mask)[0])
+    forward = lambda params, ids, mask: model.apply({"params": params}, ids, mask)[0]
+    if mesh is None:
+      self._rows_multiple = 1
+      self._forward = jax.jit(forward)
+    else:
+      if param_shardings is None:
+        raise ValueError("A sharded Embedder needs the parameters' shardings.")
+      self._forward, self._rows_multiple = _sharded_forward(
+          forward, mesh, rules or partitioning.DEFAULT_RULES, param_shardings)
     self.last_truncated = 0
 
   def resolve_prefix(self, prefix: str) -> str:
@@ -76,6 +91,8 @@ class Embedder:
       logging.warning("%d of %d texts were longer than %d tokens and were truncated.",
                       truncated, len(texts), self.max_length)
     order = np.argsort([len(x) for x in ids], kind="stable")[::-1]
+    multiple = self._rows_multiple
+    batch_size = -(-batch_size // multiple) * multiple  # Whole rows for every shard.
     width = self.config.embedding_dim
     out = np.zeros((len(texts), dim or width), np.float32)
     bar = tqdm.tqdm(total=len(texts), desc="encode", disable=not show_progress, unit="text")
@@ -84,12 +101,14 @@ class Embedder:
       chunk = [ids[i] for i in rows]
       length = _bucket(max(len(x) for x in chunk), self.max_length)
       arr, mask = self.tokenizer.pad(chunk, length)
-      if len(rows) < batch_size and len(texts) > batch_size:
-        # Keep the batch shape fixed: pad with empty rows (ignored below).
-        fill = batch_size - len(rows)
+      # Keep the batch shape fixed (and divisible over the shards): pad with
+      # empty rows, dropped below.
+      rows_wanted = batch_size if len(texts) > batch_size else -(-len(rows) // multiple) * multiple
+      if len(rows) < rows_wanted:
+        fill = rows_wanted - len(rows)
         arr = np.concatenate([arr, np.full((fill, length), self.tokenizer.pad_id, np.int32)])
         mask = np.concatenate([mask, np.zeros((fill, length), bool)])
-      emb = self._forward(self.params, jnp.asarray(arr), jnp.asarray(mask))
+      emb = self._forward(self.params, arr, mask)
       if dim:
         emb = pooling.matryoshka(emb, dim)
       out[rows] = np.asarray(emb)[:len(rows)]
@@ -98,11 +117,26 @@ class Embedder:
     return out
 
 
+def _sharded_forward(forward, mesh, rules, param_shardings):
+  """(forward(params, ids, mask) -> replicated embeddings, rows per batch multiple)."""
+  rows = partitioning.batch_sharding(mesh, rules)
+  jitted = jax.jit(forward, in_shardings=(param_shardings, rows, rows),
+                   out_shardings=NamedSharding(mesh, P()))
+
+  def run(params, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+    # Every process holds the same rows; each device takes its slice of them.
+    place = lambda x: jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+    with partitioning.activate(mesh, rules):
+      return jitted(params, place(ids), place(mask))
+
+  return run, partitioning.batch_shards(mesh, rules)
+
+
 def load_embedder(path: str, *, max_length: Optional[int] = None) -> Embedder:
   """An Embedder from a training workdir (latest checkpoint) or a model folder."""
-  from moe_embed import model_io
+  from moe_embed.io import model_folder
   from moe_embed.tokenizers import load_tokenizer
-  params, config, meta = model_io.load_any(path)
+  params, config, meta = model_folder.load_any(path)
   tokenizer = load_tokenizer(meta["tokenizer"])
   return Embedder(config, params, tokenizer,
                   max_length=max_length or int(meta.get("max_length", 512)),

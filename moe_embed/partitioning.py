@@ -3,11 +3,14 @@
 The mesh has named axes 'data' (batch, data parallelism) and 'expert' (expert
 parallelism). Parameters and activations carry logical names ('batch', 'exp',
 'embed', ...); `logical_axis_rules` maps them to mesh axes. The rules are data
-in the config (`config.mesh.rules`), as in vmoe and MaxText.
+in the config (`config.mesh.rules`), as in vmoe and MaxText. Expert
+parallelism reads the same rules: experts live on the mesh axes of 'exp',
+tokens on those of 'batch'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -101,12 +104,13 @@ def batch_shards(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def mesh_context(mesh: Mesh):
   """Context that makes `mesh` current for sharding constraints under jit."""
-  if hasattr(jax, "set_mesh"):
-    return jax.set_mesh(mesh)
-  return mesh
+  return jax.set_mesh(mesh)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+  """Makes `mesh` current and `rules` the logical-axis rules: how every sharded call runs."""
+  with mesh_context(mesh), nn.logical_axis_rules(rules):
+    yield

@@ -23,7 +23,7 @@ def main():
                              initialization_timeout=120)
   assert jax.device_count() == 4 * int(num_processes), jax.devices()
   from tests.test_multiprocess import tiny_config  # noqa: E402
-  from moe_embed import trainer  # noqa: E402
+  from moe_embed.train import trainer  # noqa: E402
   trainer.train_and_evaluate(tiny_config(data_dir), workdir)
   jax.distributed.shutdown()
 

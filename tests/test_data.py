@@ -109,10 +109,12 @@ def ds(tmp_path_factory):
 
 
 def _iterator(ds, tokenizer, **kw):
-  args = dict(tokenizer=tokenizer, global_batch_size=8, max_query_len=40, max_doc_len=48,
-              query_prefix="q: ", doc_prefix="d: ", seed=3)
+  fields = {f: kw.pop(f) for f in list(kw) if f in data.InputConfig.__dataclass_fields__}
+  inputs = data.InputConfig(**{**dict(max_query_len=40, max_doc_len=48, query_prefix="q: ",
+                                      doc_prefix="d: "), **fields})
+  args = dict(tokenizer=tokenizer, global_batch_size=8, seed=3)
   args.update(kw)
-  return data.make_train_iterator(ds, **args)
+  return data.make_train_iterator(ds, inputs=inputs, **args)
 
 
 def _decode(tokenizer, ids):
@@ -158,6 +160,20 @@ def test_hard_negatives_only_from_sources_that_have_them(ds, tokenizer):
     assert first.split()[1] == "hard" and "wrong answer" in neg
     i = first.split()[4]
     assert neg.startswith(f"d: hard wrong answer {i}")  # Its own negatives, first first.
+
+
+def test_optional_negatives_are_used_where_the_data_has_them(ds, tokenizer, tmp_path):
+  """negatives_required=False (the tiny configs): negatives if any source has them, else none."""
+  it = _iterator(ds, tokenizer, num_negatives=2, negatives_required=False, prefetch=0)
+  assert next(it)["neg_ids"].shape == (8, 2, 48)
+  rows = _records({"a": 20}, negatives=0)
+  _write_jsonl(tmp_path / "pairs.jsonl", rows)
+  data.prepare(str(tmp_path / "pairs.jsonl"), str(tmp_path / "pairs"))
+  plain = _iterator(str(tmp_path / "pairs"), tokenizer, num_negatives=2,
+                    negatives_required=False, prefetch=0)
+  assert "neg_ids" not in next(plain)
+  with pytest.raises(ValueError, match="with hard negatives"):
+    _iterator(str(tmp_path / "pairs"), tokenizer, num_negatives=2)
 
 
 def test_process_slices_concatenate_to_the_global_batch(ds, tokenizer):

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_embed import layers, model_config, param_count, router_stats
-from moe_embed.encoder import EmbeddingModel, init_params
+from moe_embed.model import config as model_config
+from moe_embed.model import layers, param_count
+from moe_embed.moe import router_stats
+from moe_embed.model.encoder import EmbeddingModel, init_params
 
 
 def test_nomic_v2_moe_parameter_counts_from_tree():

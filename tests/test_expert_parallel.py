@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from configs import finetune
-from moe_embed import partitioning, trainer
-from moe_embed import train_step as step_lib
-from moe_embed.encoder import EmbeddingModel
+from moe_embed import partitioning
+from moe_embed.model import config as model_config
+from moe_embed.model.encoder import EmbeddingModel, init_params
+from moe_embed.train import optimizer as optimizer_lib
+from moe_embed.train import state as state_lib
+from moe_embed.train import step as step_lib
 from tests.test_train_step import _assert_trees_close, _batch, _plain, _setup
 
 
@@ -25,7 +28,7 @@ def test_expert_parallel_loss_and_grads_equal_single_device(expert):
   mesh = partitioning.make_mesh(data=-1, expert=expert)
   rules = partitioning.DEFAULT_RULES
   with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: {"model": __import__("moe_embed.encoder").encoder.init_params(
+    boxed = jax.eval_shape(lambda: {"model": init_params(
         config, jax.random.PRNGKey(0)), "log_temperature": jnp.zeros(())})
     shardings = partitioning.logical_shardings(boxed, mesh, rules)
     sharded = jax.device_put(params, shardings)
@@ -53,9 +56,10 @@ def test_train_state_holds_one_expert_shard_per_device():
   c = finetune.get_config("tiny")
   mesh = partitioning.make_mesh(c.mesh.data, 4)
   assert dict(mesh.shape) == {"data": 2, "expert": 4}
-  config = trainer.model_config.EncoderConfig.from_dict(dict(c.encoder))
-  optimizer, _ = step_lib.make_optimizer(10, 1e-3, 1)
-  state, _, _ = trainer.create_state(EmbeddingModel(config), optimizer, mesh,
+  config = model_config.EncoderConfig.from_dict(dict(c.encoder))
+  optimizer, _ = optimizer_lib.make_optimizer(
+      optimizer_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=1), total_steps=10)
+  state, _, _ = state_lib.create_state(EmbeddingModel(config), optimizer, mesh,
                                      partitioning.DEFAULT_RULES, seed=0)
   expert_leaves = [
       state.params["model"]["encoder"]["layer_1"]["mlp"]["w1"],
@@ -68,3 +72,30 @@ def test_train_state_holds_one_expert_shard_per_device():
       assert shard.data.shape[0] == config.num_experts // 4
   dense = state.params["model"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
   assert dense.addressable_shards[0].data.shape == dense.shape  # Replicated.
+
+
+@pytest.mark.parametrize("rules,exchanges", [
+    # Experts replicated: every device runs all experts locally, no token exchange.
+    ((("batch", ("data", "expert")), ("exp", None)), False),
+    # Tokens split over 'data' only (replicated along 'expert'): still exact.
+    ((("batch", "data"), ("exp", "expert")), True),
+])
+def test_expert_parallelism_follows_the_logical_axis_rules(rules, exchanges):
+  config, model, params, _ = _setup()
+  batch = _batch(config, n=0, seed=9)
+  want, _ = jax.jit(lambda p: model.apply({"params": p["model"]}, batch["query_ids"],
+                                          batch["query_mask"]))(params)
+  mesh = partitioning.make_mesh(data=2, expert=4)
+  with partitioning.activate(mesh, rules):
+    boxed = jax.eval_shape(lambda: {"model": init_params(config, jax.random.PRNGKey(0)),
+                                    "log_temperature": jnp.zeros(())})
+    sharded = jax.device_put(params, partitioning.logical_shardings(boxed, mesh, rules))
+    rows = partitioning.batch_sharding(mesh, rules)
+    ids, mask = jax.device_put(batch["query_ids"], rows), jax.device_put(batch["query_mask"], rows)
+    fn = jax.jit(lambda p, i, m: model.apply({"params": p["model"]}, i, m)[0])
+    got = fn(sharded, ids, mask)
+    hlo = fn.lower(sharded, ids, mask).compile().as_text()
+  assert ("all-to-all" in hlo) == exchanges
+  w1 = sharded["model"]["encoder"]["layer_1"]["mlp"]["w1"]
+  assert w1.addressable_shards[0].data.shape[0] == config.num_experts // (4 if exchanges else 1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

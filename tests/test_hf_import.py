@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moe_embed import hf_import, inference, model_config, model_io
-from moe_embed.encoder import EmbeddingModel, init_params
+from moe_embed import inference
+from moe_embed.io import hf_export, hf_import
+from moe_embed.io import model_folder
+from moe_embed.model import config as model_config
+from moe_embed.model.encoder import EmbeddingModel, init_params
 from tests.reference_models import TEXTS, minilm_folder
 
 
@@ -67,7 +70,7 @@ def _tiny_moe(**overrides):
 
 def _write_nomic(folder, config, params, drop=None, reshape=None):
   from safetensors.numpy import save_file
-  state = hf_import.to_nomic_state_dict(params, config)
+  state = hf_export.to_nomic_state_dict(params, config)
   if drop:
     del state[drop]
   if reshape:
@@ -75,7 +78,7 @@ def _write_nomic(folder, config, params, drop=None, reshape=None):
   os.makedirs(folder, exist_ok=True)
   save_file(state, os.path.join(folder, "model.safetensors"))
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_import.nomic_config_json(config), f)
+    json.dump(hf_export.nomic_config_json(config), f)
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(mlp_activation="swiglu", moe_every_n_layers=0),
@@ -101,7 +104,7 @@ def test_nomic_layout_round_trip(tmp_path, overrides):
 def test_nomic_megablocks_expert_layout(tmp_path):
   """w1 / w2 are stacked [experts * mlp, width]; expert e is rows e*F:(e+1)*F."""
   config, params = _tiny_moe()
-  state = hf_import.to_nomic_state_dict(params, config)
+  state = hf_export.to_nomic_state_dict(params, config)
   w1 = state["encoder.layers.1.mlp.experts.mlp.w1"]
   f = config.mlp_dim
   np.testing.assert_array_equal(w1[2 * f:3 * f], np.asarray(params["encoder"]["layer_1"]["mlp"]["w1"][2]).T)
@@ -137,16 +140,16 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     del hf[key]
     json.dump(hf, open(tmp_path / "b" / "config.json", "w"))
   with pytest.raises(FileNotFoundError, match="is not a model"):
-    model_io.load_any(str(tmp_path))
+    model_folder.load_any(str(tmp_path))
 
 
 def test_native_folder_round_trip(tmp_path):
   config, params = _tiny_moe()
   spm = tmp_path / "tok.model"
   spm.write_bytes(b"not a real model")
-  model_io.save_model_folder(str(tmp_path / "m"), params, config, tokenizer_path=str(spm),
+  model_folder.save_model_folder(str(tmp_path / "m"), params, config, tokenizer_path=str(spm),
                              query_prefix="q: ", max_length=77)
-  loaded, loaded_config, meta = model_io.load_any(str(tmp_path / "m"))
+  loaded, loaded_config, meta = model_folder.load_any(str(tmp_path / "m"))
   assert loaded_config == config and meta["max_length"] == 77 and meta["query_prefix"] == "q: "
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(a, b)

@@ -59,8 +59,9 @@ def test_training_workdir_loads_its_latest_checkpoint(tmp_path):
   import jax
   from flax import linen as nn
 
-  from moe_embed import checkpoints, model_config
-  from moe_embed.encoder import init_params
+  from moe_embed.io import checkpoints, model_folder
+  from moe_embed.model import config as model_config
+  from moe_embed.model.encoder import init_params
   from moe_embed.tokenizers import load_tokenizer
 
   tokenizer_path = os.path.join(minilm_folder(), "tokenizer.json")
@@ -68,8 +69,8 @@ def test_training_workdir_loads_its_latest_checkpoint(tmp_path):
                                pad_token_id=0)
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  checkpoints.write_model_meta(workdir, config, query_prefix="q: ", doc_prefix="d: ",
-                               max_length=48, tokenizer=tokenizer_path)
+  model_folder.write_meta(workdir, config, query_prefix="q: ", doc_prefix="d: ",
+                          max_length=48, tokenizer=tokenizer_path)
   manager = checkpoints.make_manager(workdir, async_save=False)
   steps = {}
   for step, seed in ((10, 0), (20, 1)):
@@ -87,3 +88,26 @@ def test_training_workdir_loads_its_latest_checkpoint(tmp_path):
   stale = inference.Embedder(config, steps[10], load_tokenizer(tokenizer_path), max_length=48)
   assert not np.allclose(loaded.encode(texts, show_progress=False),
                          stale.encode(texts, show_progress=False), atol=1e-3)
+
+
+def test_sharded_embedder_equals_the_single_device_one(embedder):
+  """The trainer's evaluation forward: params sharded over 8 devices, odd row counts."""
+  import flax.linen as nn
+  import jax
+
+  from moe_embed import partitioning
+  from moe_embed.model.encoder import init_params
+
+  mesh = partitioning.make_mesh(data=-1, expert=1)
+  rules = partitioning.DEFAULT_RULES
+  abstract = jax.eval_shape(lambda: init_params(embedder.config, jax.random.PRNGKey(0)))
+  shardings = partitioning.logical_shardings(abstract, mesh, rules)
+  params = jax.device_put(embedder.params, shardings)
+  sharded = inference.Embedder(embedder.config, params, embedder.tokenizer,
+                               max_length=embedder.max_length, mesh=mesh, rules=rules,
+                               param_shardings=shardings)
+  for texts, batch_size in ((TEXTS[:5], 64), (TEXTS, 6)):
+    want = embedder.encode(texts, batch_size=batch_size, show_progress=False)
+    got = sharded.encode(texts, batch_size=batch_size, show_progress=False)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+  assert nn.meta.unbox(abstract) is not None

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_embed import losses, pooling
+from moe_embed.model import pooling
+from moe_embed.train import losses
 
 
 def _unit(x):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from moe_embed import mining
+from moe_embed.data import mining
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import special
 
-from moe_embed import grouped_matmul, model_config
-from moe_embed.moe import MoeMlp
+from moe_embed.model import config as model_config
+from moe_embed.model.moe_mlp import MoeMlp
+from moe_embed.moe import grouped_matmul
 
 
 def _np_gelu(x):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from moe_embed import data, trainer
+from moe_embed import data
+from moe_embed.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from moe_embed import router_stats, routing
+from moe_embed.moe import router_stats, routing
 
 
 def _routing_from(probs, experts, valid):
@@ -21,11 +21,11 @@ def test_load_balancing_loss_on_hand_made_routing():
                     [0.5, 0.3, 0.1, 0.1], [0.05, 0.05, 0.05, 0.85]])
   experts = np.array([[0], [0], [2], [0], [3]])
   valid = np.array([True, True, True, True, False])  # The last token is padding.
-  stats = routing.statistics(_routing_from(probs, experts, valid))
+  stats = router_stats.statistics(_routing_from(probs, experts, valid))
   f = np.array([3, 0, 1, 0]) / 4
   p = probs[:4].mean(axis=0)
   want = 4 * np.sum(f * p)
-  np.testing.assert_allclose(float(routing.load_balancing_loss(stats, 1)), want, rtol=1e-6)
+  np.testing.assert_allclose(float(router_stats.load_balancing_loss(stats, 1)), want, rtol=1e-6)
   lb, z = router_stats.router_losses({"layer_1": stats}, top_k=1)
   np.testing.assert_allclose(float(lb), want, rtol=1e-6)
   np.testing.assert_allclose(float(z), np.mean(special.logsumexp(np.log(probs[:4]), axis=1) ** 2),
@@ -36,8 +36,8 @@ def test_load_balancing_loss_is_one_for_uniform_routing():
   e, k = 8, 2
   probs = np.full((16, e), 1 / e)
   experts = np.array([[(2 * t) % e, (2 * t + 1) % e] for t in range(16)])
-  stats = routing.statistics(_routing_from(probs, experts, np.ones(16, bool)))
-  assert float(routing.load_balancing_loss(stats, k)) == 1.0
+  stats = router_stats.statistics(_routing_from(probs, experts, np.ones(16, bool)))
+  assert float(router_stats.load_balancing_loss(stats, k)) == 1.0
 
 
 def test_route_topk_entropy_and_padding():
@@ -52,7 +52,7 @@ def test_route_topk_entropy_and_padding():
   np.testing.assert_array_equal(np.asarray(r.experts), top)
   np.testing.assert_allclose(np.asarray(r.weights),
                              np.take_along_axis(probs, top, 1) * valid[:, None], rtol=1e-5)
-  stats = routing.statistics(r)
+  stats = router_stats.statistics(r)
   entropy = -np.sum(probs * np.log(probs), axis=-1)
   np.testing.assert_allclose(float(stats["entropy_sum"]), entropy[valid].sum(), rtol=1e-5)
   np.testing.assert_allclose(float(stats["z_sum"]),
@@ -68,11 +68,11 @@ def test_chunk_shares_add_up_to_the_full_loss():
   x = rng.normal(size=(10, 5)).astype(np.float32)
   kernel = rng.normal(size=(5, 4)).astype(np.float32)
   valid = np.ones(10, bool)
-  full = routing.statistics(routing.route(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(valid), 2, False))
-  parts = [routing.statistics(routing.route(jnp.asarray(x[s]), jnp.asarray(kernel),
+  full = router_stats.statistics(routing.route(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(valid), 2, False))
+  parts = [router_stats.statistics(routing.route(jnp.asarray(x[s]), jnp.asarray(kernel),
                                             jnp.asarray(valid[s]), 2, False))
            for s in (slice(0, 3), slice(3, 10))]
   total = router_stats.add_stats([{"l": p} for p in parts])
   shares = [router_stats.router_losses({"l": p}, total, 2)[0] for p in parts]
-  np.testing.assert_allclose(float(sum(shares)), float(routing.load_balancing_loss(full, 2)),
+  np.testing.assert_allclose(float(sum(shares)), float(router_stats.load_balancing_loss(full, 2)),
                              rtol=1e-6)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_embed import model_config, partitioning
-from moe_embed import train_step as step_lib
-from moe_embed.encoder import EmbeddingModel, init_params
+from moe_embed import partitioning
+from moe_embed.model import config as model_config
+from moe_embed.model.encoder import EmbeddingModel, init_params
+from moe_embed.train import optimizer as optimizer_lib
+from moe_embed.train import step as step_lib
 
 
 def _batch(config, b=16, n=2, lq=8, ld=12, seed=0):
@@ -80,13 +82,12 @@ def test_grad_cache_gradients_equal_plain_step(shards, chunk):
       matryoshka_weights=(1.0, 0.5), load_balancing_coef=1.0, z_loss_coef=1e-3)
   batch = _batch(config, n=2, seed=3)
   loss1, extras1, grads1 = _plain(model, config, cfg, params, batch)
-  gc_cfg = step_lib.LossConfig(**{**cfg.__dict__, "grad_cache_chunk": chunk})
   mesh = partitioning.make_mesh(data=shards, expert=1, devices=jax.devices()[:shards])
   rules = partitioning.DEFAULT_RULES
   sharding = partitioning.batch_sharding(mesh, rules)
   constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), t)
   fn = jax.jit(lambda p, b: step_lib.grad_cache_loss_and_grads(
-      model, config, gc_cfg, p, b, shards, constrain))
+      model, config, cfg, p, b, chunk, shards, constrain))
   with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules):
     batch_dev = {k: jax.device_put(v, sharding) for k, v in batch.items()}
     loss2, extras2, grads2 = fn(jax.device_put(params, NamedSharding(mesh, P())), batch_dev)
@@ -107,7 +108,9 @@ def test_split_chunks_takes_every_shard():
 
 
 def test_optimizer_decays_matrices_only_and_warms_up():
-  tx, schedule = step_lib.make_optimizer(100, 1e-3, 10, weight_decay=0.5)
+  tx, schedule = optimizer_lib.make_optimizer(
+      optimizer_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, weight_decay=0.5),
+      total_steps=100)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(55)), 0.5e-3, rtol=1e-6)

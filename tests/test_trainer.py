@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs import finetune
-from moe_embed import checkpoints, data, trainer
+from moe_embed import data
+from moe_embed.io import model_folder
+from moe_embed.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,8 +62,8 @@ def test_interrupted_run_resumes_exactly(data_dir, tmp_path):
   trainer.train_and_evaluate(config, resumed)
   assert _losses(straight) == _losses(resumed)
   assert sorted(_losses(straight)) == [1, 2, 3, 4, 5, 6]
-  params_a, _, meta = checkpoints.latest_params(straight)
-  params_b, _, _ = checkpoints.latest_params(resumed)
+  params_a, _, meta = model_folder.load_workdir(straight)
+  params_b, _, _ = model_folder.load_workdir(resumed)
   assert meta["step"] == 6
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)

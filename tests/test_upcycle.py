@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from scipy import special
 
-from moe_embed import hf_import, inference, model_io, upcycle
-from moe_embed.moe import MoeMlp
+from moe_embed import inference
+from moe_embed.io import hf_import
+from moe_embed.model import upcycle
+from moe_embed.model.moe_mlp import MoeMlp
 from tests.reference_models import TEXTS, minilm_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

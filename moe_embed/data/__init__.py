@@ -1,4 +1,15 @@
-"""Contrastive data: JSONL records -> prepared ArrayRecord datasets -> batches."""
+"""Contrastive data: JSONL records -> prepared ArrayRecord datasets -> batches.
+
+  jsonl          reading and checking {"query", "document", "negatives"?, "source"?} lines
+  builder        the TFDS builder: one ArrayRecord split per source
+  dataset        writing a dataset folder and reading its sources
+  pipeline       InputConfig and the resumable, multi-host batch iterator
+  corpus_stdlib  the embedded pair corpus built from the standard library's docstrings
+  mining         hard negatives by exact search with a model (uses evaluation.search)
+
+This module: `prepare` (JSONL -> dataset folder) and the embedded default data.
+Imports: `moe_embed.tokenizers`; `mining` also `moe_embed.evaluation.search`.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +22,10 @@ from typing import Optional, Sequence
 from absl import logging
 
 from moe_embed.data import corpus_stdlib, dataset, jsonl
-from moe_embed.data.pipeline import TrainIterator, make_train_iterator
+from moe_embed.data.pipeline import InputConfig, TrainIterator, make_train_iterator
 
-__all__ = ["TrainIterator", "make_train_iterator", "prepare", "ensure_default_data",
-           "dataset_tokenizer_path", "heldout_beir_dirs"]
+__all__ = ["InputConfig", "TrainIterator", "make_train_iterator", "prepare",
+           "ensure_default_data", "dataset_tokenizer_path", "heldout_beir_dirs"]
 
 DEFAULT_VOCAB = 4096
 

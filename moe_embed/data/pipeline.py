@@ -22,14 +22,43 @@ above what a train step consumes; and prefixes and lengths stay training options
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import hashlib
 import queue
 import threading
 from typing import Any, Mapping, Optional
 
+from absl import logging
 import numpy as np
 
 from moe_embed.data import dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """What a batch holds: lengths, hard negatives, prefixes, source mix (`config.input`)."""
+
+  max_query_len: int = 128  # Query tokens, including special tokens.
+  max_doc_len: int = 128  # Document tokens, including special tokens.
+  num_negatives: int = 0  # Hard negatives per query.
+  query_prefix: str = ""
+  doc_prefix: str = ""
+  source_weights: Optional[Mapping[str, float]] = None  # None = proportional to size.
+  # False: data without any hard negatives trains with in-batch negatives only
+  # (logged) instead of failing.
+  negatives_required: bool = True
+
+  @classmethod
+  def from_mapping(cls, fields: Mapping[str, Any]) -> "InputConfig":
+    """From `config.input`; an unknown field is named, with the closest known one."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in fields:
+      if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"Unknown input field {key!r}.{hint}")
+    return cls(**dict(fields))
 
 
 def _source_seed(source: str) -> int:
@@ -39,27 +68,32 @@ def _source_seed(source: str) -> int:
 class TrainIterator:
   """Infinite iterator of per-process batches with get_state / set_state."""
 
-  def __init__(self, data_dir: str, *, tokenizer, global_batch_size: int, max_query_len: int,
-               max_doc_len: int, num_negatives: int = 0, query_prefix: str = "",
-               doc_prefix: str = "", source_weights: Optional[Mapping[str, float]] = None,
+  def __init__(self, data_dir: str, *, inputs: InputConfig, tokenizer, global_batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
                state: Optional[dict] = None, prefetch: int = 2):
     info = dataset.read_info(data_dir)
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                        f"{process_count} processes.")
+    num_negatives, source_weights = inputs.num_negatives, inputs.source_weights
+    splits = dataset.open_splits(data_dir)
+    readers = {name: dataset.SourceReader(data_dir, entry, splits)
+               for name, entry in info["sources"].items()}
+    if (num_negatives and not inputs.negatives_required
+        and not any(np.any(r.num_negatives > 0) for r in readers.values())):
+      logging.warning("input.num_negatives=%d, but %s has no hard negatives: training with "
+                      "in-batch negatives only.", num_negatives, data_dir)
+      num_negatives = 0
     self.tokenizer = tokenizer
     self.batch_size = global_batch_size
     self.local_batch = global_batch_size // process_count
     self.process_index = process_index
-    self.max_query_len, self.max_doc_len = max_query_len, max_doc_len
+    self.max_query_len, self.max_doc_len = inputs.max_query_len, inputs.max_doc_len
     self.num_negatives = num_negatives
-    self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
+    self.query_prefix, self.doc_prefix = inputs.query_prefix, inputs.doc_prefix
     self.seed = seed
     self.readers, self.eligible = {}, {}
-    splits = dataset.open_splits(data_dir)
-    for name, entry in info["sources"].items():
-      reader = dataset.SourceReader(data_dir, entry, splits)
+    for name, reader in readers.items():
       eligible = (np.arange(len(reader)) if not num_negatives
                   else np.flatnonzero(reader.num_negatives > 0))
       if len(eligible) < global_batch_size:
@@ -203,5 +237,5 @@ class TrainIterator:
 
 
 def make_train_iterator(data_dir: str, **kwargs) -> TrainIterator:
-  """See TrainIterator; kwargs: tokenizer, global_batch_size, max_query_len, ..."""
+  """See TrainIterator; kwargs: inputs, tokenizer, global_batch_size, seed, ..."""
   return TrainIterator(data_dir, **kwargs)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from moe_embed import pooling
+from moe_embed.model import pooling
 
 
 def info_nce(q: jax.Array, p: jax.Array, negatives: Optional[jax.Array],

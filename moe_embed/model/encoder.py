@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_embed import pooling
-from moe_embed.layers import Embeddings, Mlp, SelfAttention, dtype_of, layer_norm, normal_init
-from moe_embed.model_config import EncoderConfig
-from moe_embed.moe import MoeMlp
+from moe_embed.model import pooling
+from moe_embed.model.config import EncoderConfig
+from moe_embed.model.layers import Embeddings, Mlp, SelfAttention, layer_norm, normal_init
+from moe_embed.model.moe_mlp import MoeMlp
 
 Aux = dict[str, dict[str, jax.Array]]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_embed.model_config import EncoderConfig
+from moe_embed.model.config import EncoderConfig
 
 
 def upcycle(params: Any, config: EncoderConfig, *, num_experts: int = 8, top_k: int = 2,

@@ -5,7 +5,7 @@ A batch is a dict of global arrays (leading axis B, sharded over the mesh):
 negatives, 'neg_ids'/'neg_mask' [B, N, Ld]. Queries are embedded in one
 forward call, positives and negatives together in a second one.
 
-`train_step` is pure: (state, batch) -> (state, metrics). With
+`train_step` is pure: (state, batch) -> (state, metrics). With a
 `grad_cache_chunk` it runs GradCache: embed every chunk without gradients,
 take the loss gradient with respect to the embeddings, then re-embed each
 chunk with gradients and back-propagate the cached embedding gradients, so
@@ -18,17 +18,17 @@ step's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from moe_embed import router_stats
-from moe_embed.encoder import EmbeddingModel
-from moe_embed.model_config import EncoderConfig
+from moe_embed.model.config import EncoderConfig
+from moe_embed.model.encoder import EmbeddingModel
+from moe_embed.moe import router_stats
+from moe_embed.train import losses
 
 Batch = dict[str, jax.Array]
 
@@ -40,12 +40,11 @@ class TrainState:
   step: jax.Array  # int32 scalar
   params: Any  # {'model': encoder params, 'log_temperature': float32 scalar}
   opt_state: Any
-  rng: jax.Array  # uint32 [2], a raw PRNG key; folded with the step when used
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """What the loss needs to know; built from `config.loss` and `config.grad_cache_chunk`."""
+  """What the loss needs to know; built from `config.loss`."""
 
   temperature: float = 0.02
   learn_temperature: bool = False
@@ -54,7 +53,6 @@ class LossConfig:
   matryoshka_weights: tuple[float, ...] = ()
   load_balancing_coef: float = 1.0
   z_loss_coef: float = 0.0
-  grad_cache_chunk: int = 0  # 0 = plain step.
 
 
 def embed_batch(model: EmbeddingModel, model_params: Any, batch: Batch):
@@ -82,7 +80,6 @@ def temperature_of(params: Any, cfg: LossConfig) -> jax.Array:
 
 
 def contrastive_loss(q, p, negatives, temperature, cfg: LossConfig) -> jax.Array:
-  from moe_embed import losses  # Small module; keeps this file's imports about the step.
   return losses.matryoshka_info_nce(
       q, p, negatives, temperature, cfg.matryoshka_dims, cfg.matryoshka_weights,
       cfg.symmetric)
@@ -129,10 +126,11 @@ def split_chunks(x: jax.Array, num_chunks: int, shards: int) -> jax.Array:
 
 
 def grad_cache_loss_and_grads(model, config: EncoderConfig, cfg: LossConfig, params,
-                              batch, shards: int, constrain: Callable[[Any], Any]):
-  """GradCache: the same loss and gradients as the plain step, one chunk in memory."""
+                              batch, chunk_size: int, shards: int,
+                              constrain: Callable[[Any], Any]):
+  """GradCache: the same loss and gradients as the plain step, `chunk_size` queries at a time."""
   b = batch["query_ids"].shape[0]
-  num_chunks = b // cfg.grad_cache_chunk
+  num_chunks = b // chunk_size
   chunks = jax.tree.map(lambda x: split_chunks(x, num_chunks, shards), batch)
 
   # Pass 1: embeddings of every chunk, no gradients kept.
@@ -182,17 +180,23 @@ def grad_cache_loss_and_grads(model, config: EncoderConfig, cfg: LossConfig, par
 
 def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformation,
                     cfg: LossConfig, schedule: Callable[[jax.Array], jax.Array],
-                    shards: int = 1, constrain: Callable[[Any], Any] = lambda x: x):
-  """Returns the pure train_step(state, batch) -> (state, metrics)."""
+                    grad_cache_chunk: int = 0, shards: int = 1,
+                    constrain: Callable[[Any], Any] = lambda x: x):
+  """Returns the pure train_step(state, batch) -> (state, metrics).
+
+  grad_cache_chunk: queries per GradCache chunk (0 = the plain step); shards:
+  pieces the batch is split into on the mesh; constrain: puts a chunk back on
+  the batch sharding.
+  """
   config = model.config
 
   def train_step(state: TrainState, batch: Batch):
     params = state.params
     if not cfg.learn_temperature:
       params = {**params, "log_temperature": jax.lax.stop_gradient(params["log_temperature"])}
-    if cfg.grad_cache_chunk:
+    if grad_cache_chunk:
       loss, extras, grads = grad_cache_loss_and_grads(
-          model, config, cfg, params, batch, shards, constrain)
+          model, config, cfg, params, batch, grad_cache_chunk, shards, constrain)
     else:
       loss, extras, grads = plain_loss_and_grads(model, config, cfg, params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -208,36 +212,3 @@ def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformati
     return new_state, metrics
 
   return train_step
-
-
-def make_optimizer(total_steps: int, learning_rate: float, warmup_steps: int,
-                   decay: str = "linear", end_lr_fraction: float = 0.0,
-                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, clip_grad_norm: float = 1.0):
-  """AdamW with warmup then linear or cosine decay; no decay on norms, biases, scalars.
-
-  Returns (optimizer, schedule).
-  """
-  if decay not in ("linear", "cosine", "constant"):
-    raise ValueError(f"optimizer.decay={decay!r} must be 'linear', 'cosine' or 'constant'.")
-  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-  decay_steps = max(total_steps - warmup_steps, 1)
-  end = learning_rate * end_lr_fraction
-  if decay == "linear":
-    tail = optax.linear_schedule(learning_rate, end, decay_steps)
-  elif decay == "cosine":
-    tail = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_fraction)
-  else:
-    tail = optax.constant_schedule(learning_rate)
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, warmup_steps), tail], [warmup_steps])
-
-  def decay_mask(params):
-    # Matrices and embedding tables decay; LayerNorm scales, biases and scalars do not.
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
-
-  tx = optax.chain(
-      optax.clip_by_global_norm(clip_grad_norm) if clip_grad_norm else optax.identity(),
-      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                  mask=decay_mask))
-  return tx, schedule

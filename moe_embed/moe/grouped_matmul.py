@@ -84,14 +84,24 @@ def make_layout(group_sizes: jax.Array, num_assignments: int, tile: int,
                      group_sizes.astype(jnp.int32), num_rows, tile, window)
 
 
+def rank_in_group(group_ids: jax.Array, valid: jax.Array, num_groups: int) -> jax.Array:
+  """int32 [M]: how many valid entries of the same group come before each entry.
+
+  The rank of a stable counting sort: group_ids, valid [M]; entries keep their
+  order within a group. Used to place rows in expert groups and, for expert
+  parallelism, in per-device send buffers.
+  """
+  one_hot = jax.nn.one_hot(group_ids, num_groups, dtype=jnp.int32) * valid[:, None]
+  return jnp.sum((jnp.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=-1)
+
+
 def row_positions(expert_ids: jax.Array, valid: jax.Array, layout: GroupLayout,
                   num_experts: int) -> jax.Array:
   """Buffer row of each assignment (a counting sort by expert); invalid -> num_rows.
 
   expert_ids, valid: [M]. Assignments keep their order within an expert.
   """
-  one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32) * valid[:, None]
-  rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=-1)  # [M]
+  rank = rank_in_group(expert_ids, valid, num_experts)  # [M]
   start = layout.tile_start[expert_ids] * layout.tile
   return jnp.where(valid, start + rank, layout.num_rows)
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_embed.model_config import EncoderConfig
+from moe_embed.model.config import EncoderConfig
 
 
 def dtype_of(config: EncoderConfig) -> jnp.dtype:

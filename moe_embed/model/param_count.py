@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from moe_embed.model_config import EncoderConfig
+from moe_embed.model import encoder
+from moe_embed.model.config import EncoderConfig
 
 
 def _leaves_with_names(boxed_params: Any) -> list[tuple[int, tuple]]:
@@ -47,5 +48,4 @@ def count_active_params(boxed_params: Any, config: EncoderConfig) -> int:
 
 def abstract_params(config: EncoderConfig) -> Any:
   """Boxed parameter shapes of EmbeddingModel without allocating them."""
-  from moe_embed import encoder  # Local import: encoder imports this package's modules.
   return jax.eval_shape(lambda: encoder.init_params(config, jax.random.PRNGKey(0)))

@@ -1,0 +1,9 @@
+"""Models on disk: one model-folder format, Orbax train checkpoints, Hugging Face in and out.
+
+  checkpoints   Orbax train state + data position; newest parameters of a workdir
+  hf_import     BERT / XLM-RoBERTa / nomic-bert folders -> our parameter tree
+  hf_export     our parameter tree -> the nomic-bert layout
+  model_folder  model.json + weights: read, write, and `load_any` for --model
+
+Imports: `moe_embed.model.config`, and this package's modules in the order listed.
+"""

@@ -1,0 +1,99 @@
+"""Training checkpoints with Orbax: the train state and the data iterator position.
+
+A workdir holds `checkpoints/<step>/{state,data}` (async, the last N kept).
+`restore` puts a state back onto the shardings of a target; `latest_params`
+reads only the encoder parameters, onto one device, whatever mesh saved them.
+The model metadata beside the checkpoints is `model_folder`'s business.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+# Train-state fields that older checkpoints hold and the current state does not:
+# restored (they must be read to match the saved tree) and then dropped.
+RETIRED_STATE_FIELDS = ("rng",)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
+def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=_handlers())
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
+  """Starts an (async) save of the train state and the iterator position."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+  metadata = manager.item_metadata(step)["state"]
+  return metadata.tree if hasattr(metadata, "tree") else metadata
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any,
+            step: Optional[int] = None) -> tuple[Any, dict, int]:
+  """Restores (state, data_state, step) onto the shardings of `abstract_state`.
+
+  `abstract_state` is a flax struct (e.g. `TrainState`) of ShapeDtypeStructs.
+  Fields in RETIRED_STATE_FIELDS that an older checkpoint holds are read onto
+  one device and dropped.
+  """
+  step = manager.latest_step() if step is None else step
+  saved = _saved_tree(manager, step)
+  target = {f: getattr(abstract_state, f) for f in abstract_state.__dataclass_fields__}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  for name in RETIRED_STATE_FIELDS:
+    if isinstance(saved, dict) and name in saved and name not in target:
+      target[name] = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved[name])
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  fields = {f: restored["state"][f] for f in abstract_state.__dataclass_fields__}
+  return abstract_state.replace(**fields), dict(restored["data"]), step
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  """The newest saved step in a workdir, or None."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def latest_params(workdir: str) -> tuple[Any, int]:
+  """(encoder params as numpy arrays, step) from a workdir's newest checkpoint.
+
+  The saved state is restored onto one device from an explicit target, whatever
+  mesh and device count saved it, and its encoder parameters are returned.
+  """
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers=_handlers())
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)} yet.")
+  tree = _saved_tree(manager, step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  params = jax.device_get(restored["state"]["params"]["model"])
+  manager.close()
+  return params, int(step)

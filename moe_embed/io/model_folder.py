@@ -1,0 +1,129 @@
+"""The model folder: one format, read and written here, for every command that takes --model.
+
+A model folder holds `model.json`:
+
+  {"encoder": EncoderConfig fields, "tokenizer": file name in the folder,
+   "query_prefix": str, "doc_prefix": str, "max_length": int}
+
+beside its weights: `params.safetensors` (a native folder: float32, '/'-joined
+parameter paths) or `checkpoints/` (a training workdir: the newest Orbax
+checkpoint). The tokenizer file is copied into the folder, so a folder can be
+moved or copied whole. `load_any` also takes a Hugging Face folder (imported
+on the fly). Folders written before this format still load: a native folder's
+`moe_embed.json`, and a workdir's `model.json` whose tokenizer is an absolute path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from moe_embed.io import checkpoints, hf_import
+from moe_embed.model.config import EncoderConfig
+
+META = "model.json"
+LEGACY_META = "moe_embed.json"  # Native folders before model.json.
+WEIGHTS = "params.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model",
+                   "spiece.model")
+
+
+def _tokenizer_file(path: str) -> str:
+  """A tokenizer file, given the file or a folder that holds one."""
+  if os.path.isdir(path):
+    for name in TOKENIZER_FILES:
+      if os.path.exists(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise FileNotFoundError(f"No tokenizer file in {path}: expected one of {TOKENIZER_FILES}.")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Tokenizer {path} does not exist.")
+  return path
+
+
+def write_meta(folder: str, config: EncoderConfig, *, tokenizer: str, query_prefix: str = "",
+               doc_prefix: str = "", max_length: int = 512) -> None:
+  """Writes `model.json` and copies the tokenizer file into `folder`."""
+  os.makedirs(folder, exist_ok=True)
+  source = _tokenizer_file(tokenizer)
+  name = os.path.basename(source)
+  target = os.path.join(folder, name)
+  if os.path.abspath(target) != os.path.abspath(source):
+    shutil.copy(source, target)
+  meta = {"encoder": config.to_dict(), "tokenizer": name, "query_prefix": query_prefix,
+          "doc_prefix": doc_prefix, "max_length": int(max_length)}
+  with open(os.path.join(folder, META), "w") as f:
+    json.dump(meta, f, indent=2)
+
+
+def has_meta(folder: str) -> bool:
+  return any(os.path.exists(os.path.join(folder, n)) for n in (META, LEGACY_META))
+
+
+def read_meta(folder: str) -> tuple[EncoderConfig, dict]:
+  """(EncoderConfig, meta) of a folder; meta['tokenizer'] is an absolute path."""
+  for name in (META, LEGACY_META):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      break
+  else:
+    raise FileNotFoundError(f"{folder} has no {META}: not a model folder or training workdir.")
+  with open(path) as f:
+    meta = json.load(f)
+  config = EncoderConfig.from_dict(meta.pop("encoder"))
+  # A relative name is the folder's own copy; older workdirs hold an absolute path.
+  meta["tokenizer"] = os.path.join(os.path.abspath(folder), meta["tokenizer"])
+  return config, meta
+
+
+def save_model_folder(path: str, params: Any, config: EncoderConfig, *, tokenizer_path: str,
+                      query_prefix: str = "", doc_prefix: str = "", max_length: int = 512) -> None:
+  """Writes a native model folder: weights, tokenizer copy and model.json."""
+  from safetensors.numpy import save_file
+  os.makedirs(path, exist_ok=True)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()},
+            os.path.join(path, WEIGHTS))
+  write_meta(path, config, tokenizer=tokenizer_path, query_prefix=query_prefix,
+             doc_prefix=doc_prefix, max_length=max_length)
+
+
+def load_model_folder(path: str) -> tuple[dict, EncoderConfig, dict]:
+  """(params, EncoderConfig, meta) of a native folder."""
+  from safetensors.numpy import load_file
+  config, meta = read_meta(path)
+  weights = os.path.join(path, WEIGHTS)
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f"{weights} is missing.")
+  return traverse_util.unflatten_dict(load_file(weights), sep="/"), config, meta
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isdir(checkpoints.checkpoint_dir(path)) and has_meta(path)
+
+
+def load_workdir(path: str) -> tuple[Any, EncoderConfig, dict]:
+  """(params, EncoderConfig, meta) from a training workdir's newest checkpoint; meta['step']."""
+  config, meta = read_meta(path)
+  params, step = checkpoints.latest_params(path)
+  meta["step"] = step
+  return params, config, meta
+
+
+def load_any(path: str) -> tuple[dict, EncoderConfig, dict]:
+  """A training workdir, a native folder or a Hugging Face folder."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Model path {path} does not exist.")
+  if is_workdir(path):
+    return load_workdir(path)
+  if has_meta(path):
+    return load_model_folder(path)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return hf_import.load_hf_folder(path)
+  raise FileNotFoundError(
+      f"{path} is not a model: expected {META} with {WEIGHTS} (a native folder) or with "
+      "checkpoints/ (a training workdir), or config.json with weights (a Hugging Face folder).")

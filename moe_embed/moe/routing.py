@@ -1,0 +1,41 @@
+"""Token-choice top-k routing.
+
+Axis letters: T tokens, D model width, E experts, K experts per token.
+The router is a bias-free linear map to E logits in float32; a softmax over all
+E experts gives the probabilities and the top-k of them pick the experts. The
+k weights are the probabilities themselves (the released model) or, with
+`renormalize`, rescaled to sum to one. Padding tokens get zero weights; their
+statistics are left out in `router_stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """Which experts each token uses and with what weight."""
+
+  experts: jax.Array  # int32 [T, K]
+  weights: jax.Array  # float32 [T, K]; zero for padding tokens.
+  probs: jax.Array  # float32 [T, E]
+  logits: jax.Array  # float32 [T, E]
+  valid: jax.Array  # bool [T]; False for padding tokens.
+
+
+def route(x: jax.Array, kernel: jax.Array, valid: jax.Array, top_k: int,
+          renormalize: bool) -> Routing:
+  """x [T, D], kernel [D, E] (float32), valid bool [T] -> Routing."""
+  logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, experts = jax.lax.top_k(probs, top_k)
+  if renormalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights * valid[:, None]
+  return Routing(experts.astype(jnp.int32), weights, probs, logits, valid)

@@ -1,0 +1,64 @@
+"""AdamW with warmup then linear, cosine or constant learning rate; no decay on norms and biases."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import optax
+
+DECAYS = ("linear", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The fields of `config.optimizer` (see configs/common.py for their meaning)."""
+
+  learning_rate: float = 2e-5
+  warmup_steps: int = 400
+  decay: str = "linear"
+  end_lr_fraction: float = 0.0
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_grad_norm: float = 1.0
+
+  def __post_init__(self):
+    if self.decay not in DECAYS:
+      raise ValueError(f"optimizer.decay={self.decay!r} must be one of {DECAYS}.")
+
+  @classmethod
+  def from_mapping(cls, fields: Mapping[str, Any]) -> "OptimizerConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+      raise KeyError(f"Unknown optimizer fields {unknown}; known: {sorted(names)}.")
+    return cls(**dict(fields))
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """(optimizer, learning-rate schedule) for a run of `total_steps`."""
+  warmup_steps = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup_steps, 1)
+  peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
+  if cfg.decay == "linear":
+    tail = optax.linear_schedule(peak, end, decay_steps)
+  elif cfg.decay == "cosine":
+    tail = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_fraction)
+  else:
+    tail = optax.constant_schedule(peak)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup_steps), tail], [warmup_steps])
+
+  def decay_mask(params):
+    # Matrices and embedding tables decay; LayerNorm scales, biases and scalars do not.
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm else optax.identity(),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  mask=decay_mask))
+  return tx, schedule

@@ -1,0 +1,291 @@
+"""The training job: set up, train, evaluate; checkpoints, logs and resumption.
+
+`train_and_evaluate(config, workdir)` is everything `launch/train.py` does, so
+tests and colabs call the same code. Rerunning on the same workdir resumes from
+the latest checkpoint (parameters, optimizer, step and data position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from moe_embed import partitioning
+from moe_embed.io import checkpoints, model_folder
+from moe_embed.model.encoder import EmbeddingModel
+from moe_embed.train import config as run_config
+from moe_embed.train import optimizer as optimizer_lib
+from moe_embed.train import state as state_lib
+from moe_embed.train import step as step_lib
+from moe_embed.train.config import ConfigError
+from moe_embed.train.metric_writer import MetricWriter
+
+__all__ = ["ConfigError", "train_and_evaluate"]
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything a run holds between setup and the end."""
+
+  config: ml_collections.ConfigDict
+  mesh: Any
+  rules: Any
+  state: step_lib.TrainState
+  start_step: int
+  step_fn: Any  # jitted (state, batch) -> (state, metrics)
+  batch_sharding: Any
+  batches: Any  # data.TrainIterator
+  manager: Any  # Orbax CheckpointManager
+  writer: MetricWriter
+  evaluator: "_Evaluator"
+  is_chief: bool
+
+
+class _Evaluator:
+  """Retrieval on BEIR folders with one sharded forward, built once for the whole run.
+
+  The forward takes the train state's parameters where they are (sharded, on
+  device) and runs under the run's mesh and rules, so the evaluations at the
+  start, during and at the end are the same program.
+  """
+
+  def __init__(self, config, encoder_config, tokenizer, beir_dirs, mesh, rules,
+               param_shardings, writer: MetricWriter):
+    from moe_embed import inference
+    self.config, self.beir_dirs, self.writer = config, beir_dirs, writer
+    self.embedder = inference.Embedder(
+        encoder_config, None, tokenizer, max_length=config.eval.max_length,
+        query_prefix=config.input.query_prefix, doc_prefix=config.input.doc_prefix,
+        mesh=mesh, rules=rules, param_shardings=param_shardings)
+
+  def __call__(self, step: int, model_params) -> dict[str, Any]:
+    if not self.beir_dirs:
+      return {}
+    from moe_embed.evaluation import evaluate_beir
+    self.embedder.params = model_params
+    try:
+      results = evaluate_beir(self.embedder, self.beir_dirs, dim=self.config.eval.dim or None,
+                              batch_size=self.config.eval.batch_size)
+    finally:
+      self.embedder.params = None  # The next train step donates these buffers.
+    self.writer.write(step, {f"eval/{name}/{k}": v for name, r in results.items()
+                             for k, v in r.items() if isinstance(v, (int, float))})
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at_step: Optional[int] = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the final evaluation and last metrics.
+
+  `stop_at_step` ends the run early as a preemption would (checkpoint, return),
+  leaving the schedule of `config.total_steps` intact for the resumed run.
+  """
+  run = _setup(config, workdir)
+  initial_eval = None
+  if config.eval.at_start and run.start_step == 0 and run.evaluator.beir_dirs:
+    initial_eval = run.evaluator(0, run.state.params["model"])
+    logging.info("Untrained model: nDCG@10 %.4f", initial_eval["average"]["ndcg@10"])
+  step, last_metrics, preempted = _train(run, stop_at_step)
+  if preempted:
+    logging.warning("Stopped at step %d; rerun the same command to resume.", step)
+    return {"preempted": True, "step": step, "metrics": last_metrics}
+  final_eval = run.evaluator(step, run.state.params["model"])
+  run.writer.close()
+  if final_eval:
+    line = f"Final nDCG@10 on the held-out split: {final_eval['average']['ndcg@10']:.4f}"
+    if initial_eval:
+      line += f" (untrained: {initial_eval['average']['ndcg@10']:.4f})"
+    print(line, flush=True)
+  return {"step": step, "metrics": last_metrics, "eval": final_eval,
+          "initial_eval": initial_eval}
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Checks the config, then builds the model, state, data, step and evaluator."""
+  from moe_embed import data as data_lib  # TFDS: imported only when a run starts.
+  from moe_embed.tokenizers import load_tokenizer
+
+  run_config.check_config(config)
+  encoder_config, start_params, model_meta = run_config.resolve_encoder(config)
+  loss_cfg = run_config.loss_config(config, encoder_config.embedding_dim)
+  opt_cfg = run_config.optimizer_config(config)
+  inputs = run_config.input_config(config)
+  try:
+    mesh = partitioning.make_mesh(config.mesh.data, config.mesh.expert)
+    rules = partitioning.rules_from_config(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  shards = partitioning.batch_shards(mesh, rules)
+  run_config.check_batch(config, shards)
+
+  data_dir = config.data or data_lib.ensure_default_data()
+  tokenizer_path = (config.tokenizer or model_meta.get("tokenizer")
+                    or data_lib.dataset_tokenizer_path(data_dir))
+  tokenizer = load_tokenizer(tokenizer_path)
+  if tokenizer.vocab_size > encoder_config.vocab_size:
+    raise ConfigError(
+        f"The tokenizer at {tokenizer_path} has {tokenizer.vocab_size} tokens but the model "
+        f"only {encoder_config.vocab_size}; raise encoder.vocab_size or use another tokenizer.")
+  if tokenizer.pad_id != encoder_config.pad_token_id:
+    logging.warning("Tokenizer pad id %d differs from encoder.pad_token_id %d.",
+                    tokenizer.pad_id, encoder_config.pad_token_id)
+  beir_dirs = _beir_dirs(config, data_dir, data_lib)
+
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    model_folder.write_meta(
+        workdir, encoder_config, tokenizer=tokenizer_path,
+        query_prefix=inputs.query_prefix, doc_prefix=inputs.doc_prefix,
+        max_length=int(max(inputs.max_query_len, inputs.max_doc_len)))
+
+  model = EmbeddingModel(encoder_config)
+  optimizer, schedule = optimizer_lib.make_optimizer(opt_cfg, config.total_steps)
+  state, abstract_state, state_shardings = state_lib.create_state(
+      model, optimizer, mesh, rules, config.seed, start_params, loss_cfg.temperature)
+  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+  data_state = None
+  if manager.latest_step() is not None:
+    state, data_state, step = checkpoints.restore(manager, abstract_state)
+    logging.info("Resumed from step %d in %s.", step, workdir)
+
+  batches = data_lib.make_train_iterator(
+      data_dir, inputs=inputs, tokenizer=tokenizer, global_batch_size=config.batch_size,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), state=data_state)
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  constrain = lambda tree: jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+  step_fn = step_lib.make_train_step(model, optimizer, loss_cfg, schedule,
+                                     config.grad_cache_chunk, shards, constrain)
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+  writer = MetricWriter(workdir, enabled=is_chief)
+  evaluator = _Evaluator(config, encoder_config, tokenizer, beir_dirs, mesh, rules,
+                         state_shardings.params["model"], writer)
+  return _Run(config=config, mesh=mesh, rules=rules, state=state, start_step=int(state.step),
+              step_fn=jitted, batch_sharding=batch_sharding, batches=batches, manager=manager,
+              writer=writer, evaluator=evaluator, is_chief=is_chief)
+
+
+def _beir_dirs(config: ml_collections.ConfigDict, data_dir: str, data_lib) -> list[str]:
+  if not config.eval.enabled:
+    return []
+  dirs = [d for d in config.eval.beir.split(",") if d] or data_lib.heldout_beir_dirs(data_dir)
+  missing = [d for d in dirs if not os.path.isdir(d)]
+  if missing:
+    raise ConfigError(f"eval.beir names folders that do not exist: {missing}.")
+  return dirs
+
+
+def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float], bool]:
+  """The loop: steps, logs, checkpoints, evaluations. -> (step, last metrics, preempted)."""
+  config = run.config
+  with partitioning.activate(run.mesh, run.rules), _Preemption() as preemption:
+    first = next(run.batches)
+    compile_start = time.time()
+    compiled = run.step_fn.lower(run.state, _global_batch(first, run.batch_sharding)).compile()
+    _log_compiled(compiled, time.time() - compile_start)
+    pending = first
+    bar = tqdm.tqdm(total=config.total_steps, initial=run.start_step, desc="train",
+                    disable=not run.is_chief, dynamic_ncols=True)
+    last_metrics: dict[str, float] = {}
+    window: list[dict[str, Any]] = []
+    window_start = time.time()
+    step = run.start_step
+    while step < config.total_steps:
+      local = pending if pending is not None else next(run.batches)
+      pending = None
+      run.state, metrics = compiled(run.state, _global_batch(local, run.batch_sharding))
+      window.append(metrics)
+      step += 1
+      bar.update(1)
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        last_metrics = _summarise(jax.device_get(window), max(time.time() - window_start, 1e-9))
+        run.writer.write(step, last_metrics)
+        bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
+                        tok_s=f"{last_metrics['tokens_per_s']:.0f}")
+        window, window_start = [], time.time()
+      if stop_at_step is not None and step >= stop_at_step:
+        preemption.requested = True
+      if step % config.checkpoint_every_steps == 0 or preemption.requested:
+        checkpoints.save(run.manager, step, run.state, run.batches.get_state())
+      if preemption.requested:
+        break
+      if config.eval.every_steps and step % config.eval.every_steps == 0:
+        run.evaluator(step, run.state.params["model"])
+    bar.close()
+  if not preemption.requested and run.manager.latest_step() != step:
+    checkpoints.save(run.manager, step, run.state, run.batches.get_state())
+  run.manager.wait_until_finished()
+  run.batches.close()
+  if preemption.requested:
+    run.writer.close()
+  return step, last_metrics, preemption.requested
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Per-process numpy rows -> global jax arrays sharded over the batch axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some notebook runners).
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint, then exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _summarise(window: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
+  """Means over the logging window; tokens per second over its wall time."""
+  out = {}
+  for key in window[-1]:
+    values = [np.asarray(m[key], np.float64) for m in window]
+    out[key] = float(np.mean(values))
+  out["tokens_per_s"] = float(sum(float(m["tokens"]) for m in window) / elapsed)
+  out["steps_per_s"] = len(window) / elapsed
+  out.pop("tokens", None)
+  out["lr"] = float(window[-1]["lr"])
+  return out
+
+
+def _log_compiled(compiled, seconds: float) -> None:
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get("flops") if cost else None
+  except Exception:  # pylint: disable=broad-except  (not every backend reports costs)
+    pass
+  if flops:
+    logging.info("Compiled train step in %.1fs: %.3g FLOPs per step per device.", seconds, flops)
+  else:
+    logging.info("Compiled train step in %.1fs.", seconds)

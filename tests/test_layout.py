@@ -1,0 +1,101 @@
+"""The package layout: which package may import which, and no import cycles.
+
+Read from the source with `ast` (imports inside functions count too), so a
+lazy import cannot hide a cycle.
+"""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_embed")
+
+# Unit (a package, or a top-level module) -> units it may import.
+ALLOWED = {
+    "moe": set(),
+    "partitioning": set(),
+    "tokenizers": set(),
+    "model": {"moe"},
+    "io": {"model", "tokenizers"},
+    "evaluation": set(),
+    "data": {"tokenizers", "evaluation"},
+    "inference": {"model", "io", "partitioning", "tokenizers"},
+    "train": {"model", "moe", "io", "data", "evaluation", "inference", "partitioning",
+              "tokenizers"},
+}
+
+
+def _unit(path: str) -> str:
+  rel = os.path.relpath(path, ROOT)
+  return rel.split(os.sep)[0].removesuffix(".py")
+
+
+def _imports(path: str) -> set[str]:
+  tree = ast.parse(open(path).read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moe_embed"):
+      parts = node.module.split(".")
+      if len(parts) > 1:
+        out.add(parts[1])
+      else:
+        out.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("moe_embed."):
+          out.add(alias.name.split(".")[1])
+  return out
+
+
+def _modules():
+  for folder, _, files in os.walk(ROOT):
+    for name in files:
+      if name.endswith(".py"):
+        yield os.path.join(folder, name)
+
+
+def _module_graph():
+  """Module name -> moe_embed modules it imports (for cycle detection)."""
+  graph = {}
+  for path in _modules():
+    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+    rel = rel.removesuffix(".__init__")
+    deps = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moe_embed"):
+        for alias in node.names:
+          full = f"{node.module}.{alias.name}"
+          deps.add(full if os.path.exists(os.path.join(
+              os.path.dirname(ROOT), *full.split(".")) + ".py") else node.module)
+      elif isinstance(node, ast.Import):
+        deps.update(a.name for a in node.names if a.name.startswith("moe_embed"))
+    graph[rel] = deps - {rel}
+  return graph
+
+
+@pytest.mark.parametrize("path", sorted(_modules()), ids=lambda p: os.path.relpath(p, ROOT))
+def test_each_module_imports_only_what_its_package_may(path):
+  unit = _unit(path)
+  if unit == "__init__":
+    return
+  bad = _imports(path) - ALLOWED[unit] - {unit}
+  assert not bad, f"{os.path.relpath(path, ROOT)} ({unit}) imports {sorted(bad)}"
+
+
+def test_no_module_import_cycle():
+  graph = _module_graph()
+  state = {}
+
+  def visit(node, stack):
+    state[node] = "open"
+    for dep in graph.get(node, ()):
+      if state.get(dep) == "open":
+        raise AssertionError("import cycle: " + " -> ".join(stack + [node, dep]))
+      if dep not in state:
+        visit(dep, stack + [node])
+    state[node] = "done"
+
+  for node in graph:
+    if node not in state:
+      visit(node, [])
