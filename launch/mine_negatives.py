@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from moe_embed import cli  # noqa: E402
+
 _MODEL = flags.DEFINE_string("model", None, "Model folder or training workdir.")
 _DATA = flags.DEFINE_string("data", None, "JSONL files (comma-separated, globs, folders).")
 _OUTPUT = flags.DEFINE_string("output", None, "Triplet JSONL to write.")
@@ -35,17 +37,16 @@ def main(argv):
   from moe_embed import inference
   from moe_embed.data import mining
   from moe_embed.data import jsonl
-  try:
-    report = jsonl.ReadReport()
-    records = list(jsonl.read_records(jsonl.expand_inputs(_DATA.value), report))
-    if not records:
-      sys.exit(f"Error: no valid records in {_DATA.value} ({report.malformed} malformed).")
-    embedder = inference.load_embedder(_MODEL.value)
-    mined, summary = mining.mine(records, embedder, k=_K.value, margin=margin,
-                                 abs_margin=_ABS_MARGIN.value, batch_size=_BATCH.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"Error: {e}")
-  mining.write_jsonl(mined, _OUTPUT.value)
+  report = jsonl.ReadReport()
+  records = list(jsonl.read_records(jsonl.expand_inputs(_DATA.value), report))
+  if not records:
+    raise cli.UserError(f"no valid records in {_DATA.value} ({report.malformed} malformed).")
+  cli.check_output_file(_OUTPUT.value)  # Before the embedding work, not after.
+  embedder = inference.load_embedder(_MODEL.value)
+  mined, summary = mining.mine(records, embedder, k=_K.value, margin=margin,
+                               abs_margin=_ABS_MARGIN.value, batch_size=_BATCH.value)
+  with cli.atomic_path(_OUTPUT.value) as tmp:
+    mining.write_jsonl(mined, tmp)
   rule = f"score < {margin} x positive" if margin is not None else \
       f"score < positive - {_ABS_MARGIN.value}"
   print(f"Mined {summary.kept} negatives for {summary.queries} queries ({rule}) into "
@@ -56,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

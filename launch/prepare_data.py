@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from moe_embed import cli  # noqa: E402
+
 _INPUT = flags.DEFINE_string("input", None, "JSONL files, globs or folders, comma-separated.")
 _OUTPUT = flags.DEFINE_string("output", None, "Dataset folder to write.")
 _TOKENIZER = flags.DEFINE_string(
@@ -31,6 +33,8 @@ _MAX_QUERY = flags.DEFINE_integer(
     "max_query_len", 0, "Report how many queries a tokenizer would truncate at this length.")
 _MAX_DOC = flags.DEFINE_integer(
     "max_doc_len", 0, "Report how many documents a tokenizer would truncate at this length.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing dataset at --output (built aside, then swapped in).")
 flags.mark_flags_as_required(["input", "output"])
 
 
@@ -38,12 +42,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from moe_embed import data
-  try:
-    info, report = data.prepare(_INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value,
-                                train_tokenizer_vocab=_TRAIN_VOCAB.value,
-                                max_query_len=_MAX_QUERY.value, max_doc_len=_MAX_DOC.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"Error: {e}")
+  info, report = data.prepare(_INPUT.value, _OUTPUT.value, tokenizer=_TOKENIZER.value,
+                              train_tokenizer_vocab=_TRAIN_VOCAB.value,
+                              max_query_len=_MAX_QUERY.value, max_doc_len=_MAX_DOC.value,
+                              overwrite=_OVERWRITE.value)
   print(f"Wrote {info['num_examples']} examples to {_OUTPUT.value}")
   for source, entry in info["sources"].items():
     line = f"  {source:24s} {entry['num_examples']:>10d}"
@@ -61,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

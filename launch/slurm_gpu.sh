@@ -7,14 +7,24 @@
 #       --config=configs/pretrain.py:nomic_v2_moe --config.mesh.expert=8
 #
 # WORKDIR defaults to ./workdirs/$SLURM_JOB_ID and must be on a shared file system.
+# A preempted job (SIGTERM) saves a checkpoint and exits 143; the job is then
+# requeued and resumes from that checkpoint.
 #SBATCH --job-name=moe-embed
 #SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8
 #SBATCH --output=moe-embed-%j.log
+#SBATCH --requeue
 set -euo pipefail
 
 WORKDIR="${WORKDIR:-${PWD}/workdirs/${SLURM_JOB_ID:-local}}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
 # Each task sees only its own GPU; jax.distributed joins them into one mesh.
-srun --kill-on-bad-exit=1 python3 launch/train.py --distributed --workdir="${WORKDIR}" "$@"
+status=0
+srun --kill-on-bad-exit=1 python3 launch/train.py --distributed --workdir="${WORKDIR}" "$@" \
+  || status=$?
+if [[ "${status}" -eq 143 && -n "${SLURM_JOB_ID:-}" ]]; then
+  echo "Preempted after saving a checkpoint; requeueing job ${SLURM_JOB_ID}."
+  scontrol requeue "${SLURM_JOB_ID}"
+fi
+exit "${status}"

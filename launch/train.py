@@ -7,6 +7,10 @@
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
 On a TPU pod slice or a multi-process GPU job, pass --distributed (or set
 MOE_EMBED_DISTRIBUTED=1) to call jax.distributed.initialize() first.
+
+Exit codes: 0 done; 1 a bad config, diverged training or unreadable checkpoints
+(one line on stderr says what to change); 143 stopped by SIGTERM after saving a
+checkpoint: rerun the same command to resume (launch/slurm_gpu.sh requeues).
 """
 
 import os
@@ -18,6 +22,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from moe_embed import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/finetune.py:tiny.", lock_config=True)
@@ -46,11 +52,18 @@ def main(argv):
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).",
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+  from moe_embed.io import checkpoints
   from moe_embed.train import trainer
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except trainer.ConfigError as e:
-    sys.exit(f"Config error: {e}")
+    print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  except (trainer.TrainingDiverged, checkpoints.CheckpointError) as e:
+    print(f"Error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  if result.get("preempted"):
+    sys.exit(cli.EXIT_PREEMPTED)  # Saved; a scheduler reruns the command to resume.
 
 
 def _resolve_config_path(argv: list[str]) -> list[str]:
@@ -68,4 +81,4 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   sys.argv = _resolve_config_path(sys.argv)
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from moe_embed import cli  # noqa: E402
+
 _MODEL = flags.DEFINE_string("model", None, "Dense model: Hugging Face or native folder, or workdir.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write the MoE model to.")
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts per MoE layer.")
@@ -32,14 +34,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from moe_embed.io import model_folder
   from moe_embed.model import upcycle
-  try:
-    params, config, meta = model_folder.load_any(_MODEL.value)
-    moe_params, moe_config = upcycle.upcycle(
-        params, config, num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value,
-        moe_every_n_layers=_EVERY.value, renormalize_topk=_RENORM.value,
-        keep_biases=_KEEP_BIASES.value, noise_std=_NOISE.value, seed=_SEED.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"Error: {e}")
+  params, config, meta = model_folder.load_any(_MODEL.value)
+  moe_params, moe_config = upcycle.upcycle(
+      params, config, num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value,
+      moe_every_n_layers=_EVERY.value, renormalize_topk=_RENORM.value,
+      keep_biases=_KEEP_BIASES.value, noise_std=_NOISE.value, seed=_SEED.value)
   model_folder.save_model_folder(
       _OUT.value, moe_params, moe_config, tokenizer_path=meta["tokenizer"],
       query_prefix=meta.get("query_prefix", ""), doc_prefix=meta.get("doc_prefix", ""),
@@ -49,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

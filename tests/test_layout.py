@@ -16,6 +16,7 @@ ALLOWED = {
     "moe": set(),
     "partitioning": set(),
     "tokenizers": set(),
+    "cli": set(),
     "model": {"moe"},
     "io": {"model", "tokenizers"},
     "evaluation": set(),

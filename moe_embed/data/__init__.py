@@ -32,7 +32,7 @@ DEFAULT_VOCAB = 4096
 
 def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] = None,
             train_tokenizer_vocab: int = 0, max_query_len: int = 0,
-            max_doc_len: int = 0) -> tuple[dict, jsonl.ReadReport]:
+            max_doc_len: int = 0, overwrite: bool = False) -> tuple[dict, jsonl.ReadReport]:
   """Builds a dataset folder from JSONL files; trains a SentencePiece model if asked.
 
   Texts are stored untokenised and tokenised by the batch iterator (prefixes and
@@ -42,6 +42,9 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
   those lengths would cut.
   """
   files = jsonl.expand_inputs(inputs)
+  if os.path.exists(output) and os.listdir(output) and not overwrite:
+    raise FileExistsError(f"{output} already exists and is not empty; pass --overwrite to "
+                          "replace it, or choose another --output.")
   report = jsonl.ReadReport()
   tokenizer_path = tokenizer
   if train_tokenizer_vocab:
@@ -55,7 +58,8 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
     raise FileNotFoundError(f"Tokenizer {tokenizer_path} does not exist.")
   info = dataset.write_dataset(jsonl.read_records(files, report), output, report,
                                tokenizer_path if tokenizer_path and
-                               not tokenizer_path.endswith(".json") else None)
+                               not tokenizer_path.endswith(".json") else None,
+                               overwrite=overwrite)
   if train_tokenizer_vocab:
     shutil.rmtree(os.path.dirname(tokenizer_path), ignore_errors=True)
     tokenizer_path = os.path.join(output, info["tokenizer"])

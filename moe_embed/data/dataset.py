@@ -35,11 +35,38 @@ def _safe(name: str) -> str:
 
 
 def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
-                  tokenizer_path: Optional[str] = None) -> dict:
-  """Writes deduplicated records grouped by source; returns dataset_info."""
+                  tokenizer_path: Optional[str] = None, overwrite: bool = False) -> dict:
+  """Writes deduplicated records grouped by source; returns dataset_info.
+
+  The dataset is built in a folder beside `out_dir` and renamed into place, so an
+  interrupted run leaves no half-written dataset; an existing `out_dir` is
+  replaced whole only with `overwrite`.
+  """
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} already exists and is not empty; pass --overwrite to "
+                          "replace it, or choose another --output.")
   tmp = out_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  try:
+    info = _write(records, tmp, report, tokenizer_path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(out_dir):
+    old = out_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, out_dir)
+  return info
+
+
+def _write(records: Iterable[dict], tmp: str, report: ReadReport,
+           tokenizer_path: Optional[str]) -> dict:
+  """Builds the dataset in the folder `tmp`; returns dataset_info."""
   stage = os.path.join(tmp, "staged")
   os.makedirs(stage)
   writers, negatives, seen = {}, {}, set()
@@ -66,7 +93,6 @@ def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
   for writer in writers.values():
     writer.close()
   if not writers:
-    shutil.rmtree(tmp)
     raise ValueError("No valid records to write: every input line was malformed or empty.")
   builder.build({builder.split_name(s): w.name for s, w in writers.items()},
                 os.path.join(tmp, TFDS_DIR))
@@ -86,18 +112,6 @@ def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
     info["tokenizer"] = "tokenizer.model"
   with open(os.path.join(tmp, INFO), "w") as f:
     json.dump(info, f, indent=2)
-  if os.path.exists(out_dir):
-    # Keep what else the folder holds (a held-out split), replace the examples.
-    for name in os.listdir(out_dir):
-      if name.startswith("negatives-") or name in (INFO, "tokenizer.model"):
-        os.remove(os.path.join(out_dir, name))
-      elif name == TFDS_DIR:
-        shutil.rmtree(os.path.join(out_dir, name))
-    for name in os.listdir(tmp):
-      os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
-  else:
-    os.replace(tmp, out_dir)
   return info
 
 

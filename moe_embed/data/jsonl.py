@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from typing import Iterator, Sequence
 
 DEFAULT_SOURCE = "default"
@@ -77,22 +78,39 @@ def validate(record: object) -> tuple[dict | None, str]:
           "negatives": [n for n in negatives if n.strip()], "source": source}, ""
 
 
+def _lines(path: str) -> Iterator[bytes]:
+  """Raw lines of a .jsonl or .jsonl.gz file; a damaged gzip stream is an error naming the file."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      yield from f
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(f"{path} is truncated or not a valid gzip file ({e}); "
+                     "re-create or re-download it.") from None
+
+
 def read_records(files: Sequence[str], report: ReadReport) -> Iterator[dict]:
-  """Yields valid records from JSONL / JSONL.gz files; counts bad ones in `report`."""
+  """Yields valid records from JSONL / JSONL.gz files; counts bad ones in `report`.
+
+  A line that is not valid UTF-8 is malformed like any other bad line.
+  """
   for path in files:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          raw = json.loads(line)
-        except json.JSONDecodeError as e:
-          report.bad(f"{path}:{lineno}", f"invalid JSON ({e.msg})")
-          continue
-        record, why = validate(raw)
-        if record is None:
-          report.bad(f"{path}:{lineno}", why)
-          continue
-        report.read += 1
-        yield record
+    for lineno, raw_line in enumerate(_lines(path), 1):
+      try:
+        line = raw_line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        report.bad(f"{path}:{lineno}", f"not valid UTF-8 (byte {e.start})")
+        continue
+      if not line.strip():
+        continue
+      try:
+        raw = json.loads(line)
+      except json.JSONDecodeError as e:
+        report.bad(f"{path}:{lineno}", f"invalid JSON ({e.msg})")
+        continue
+      record, why = validate(raw)
+      if record is None:
+        report.bad(f"{path}:{lineno}", why)
+        continue
+      report.read += 1
+      yield record

@@ -9,8 +9,10 @@ The model metadata beside the checkpoints is `model_folder`'s business.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -45,16 +47,52 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
   return metadata.tree if hasattr(metadata, "tree") else metadata
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any,
-            step: Optional[int] = None) -> tuple[Any, dict, int]:
-  """Restores (state, data_state, step) onto the shardings of `abstract_state`.
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir could be restored, or a save failed."""
 
-  `abstract_state` is a flax struct (e.g. `TrainState`) of ShapeDtypeStructs.
-  Fields in RETIRED_STATE_FIELDS that an older checkpoint holds are read onto
-  one device and dropped.
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict, int]:
+  """Restores (state, data_state, step) from the newest checkpoint that reads.
+
+  A damaged checkpoint (a truncated array file, missing metadata) is logged,
+  moved aside to `<step>.damaged` so that the step can be saved again, and the
+  next older one is tried; CheckpointError when none restores.
   """
-  step = manager.latest_step() if step is None else step
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, data_state = _restore_step(manager, abstract_state, step)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read a step)
+      reason = " ".join(str(e).split())[:300]
+      logging.warning("Checkpoint %d in %s does not restore (%s: %s); trying an older one.",
+                      step, manager.directory, type(e).__name__, reason)
+      failures.append((step, e))
+      continue
+    for bad_step, _ in failures:
+      _move_aside(manager, bad_step)
+    if failures:
+      manager.reload()
+    return state, data_state, step
+  raise CheckpointError(
+      f"No checkpoint under {manager.directory} restores (tried steps "
+      f"{[s for s, _ in failures]}; newest: {type(failures[0][1]).__name__}: "
+      f"{' '.join(str(failures[0][1]).split())[:200]}). Move the checkpoints folder aside to "
+      "start afresh.")
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  path = os.path.join(str(manager.directory), str(step))
+  if jax.process_index() == 0 and os.path.isdir(path):
+    target = path + ".damaged"
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    logging.warning("Moved the damaged checkpoint %s to %s.", path, target)
+
+
+def _restore_step(manager: ocp.CheckpointManager, abstract_state: Any, step: int):
   saved = _saved_tree(manager, step)
+  if saved is None:
+    raise FileNotFoundError("its state metadata is missing")
   target = {f: getattr(abstract_state, f) for f in abstract_state.__dataclass_fields__}
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for name in RETIRED_STATE_FIELDS:
@@ -64,7 +102,16 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
   fields = {f: restored["state"][f] for f in abstract_state.__dataclass_fields__}
-  return abstract_state.replace(**fields), dict(restored["data"]), step
+  return abstract_state.replace(**fields), dict(restored["data"])
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises CheckpointError if an asynchronous save has failed since the last check."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except  (whatever the writer raised)
+    raise CheckpointError(f"Saving a checkpoint to {manager.directory} failed: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
 
 
 def latest_step(workdir: str) -> Optional[int]:

@@ -28,6 +28,17 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.decay not in DECAYS:
       raise ValueError(f"optimizer.decay={self.decay!r} must be one of {DECAYS}.")
+    checks = (("learning_rate", self.learning_rate > 0, "must be positive"),
+              ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+              ("end_lr_fraction", 0 <= self.end_lr_fraction <= 1, "must be in [0, 1]"),
+              ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+              ("b1", 0 <= self.b1 < 1, "must be in [0, 1)"),
+              ("b2", 0 <= self.b2 < 1, "must be in [0, 1)"),
+              ("eps", self.eps > 0, "must be positive"),
+              ("clip_grad_norm", self.clip_grad_norm >= 0, "must be >= 0 (0 disables)"))
+    for name, ok, rule in checks:
+      if not ok:
+        raise ValueError(f"optimizer.{name}={getattr(self, name)} {rule}.")
 
   @classmethod
   def from_mapping(cls, fields: Mapping[str, Any]) -> "OptimizerConfig":

@@ -29,7 +29,11 @@ from moe_embed.train import step as step_lib
 from moe_embed.train.config import ConfigError
 from moe_embed.train.metric_writer import MetricWriter
 
-__all__ = ["ConfigError", "train_and_evaluate"]
+__all__ = ["ConfigError", "TrainingDiverged", "train_and_evaluate"]
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became non-finite; nothing after the last good step was saved."""
 
 
 @dataclasses.dataclass
@@ -171,7 +175,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
                                      config.grad_cache_chunk, shards, constrain)
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
-  writer = MetricWriter(workdir, enabled=is_chief)
+  # Rows logged after the restored step belong to a run that was lost: drop them.
+  writer = MetricWriter(workdir, enabled=is_chief,
+                        resume_step=int(state.step) if data_state is not None else None)
   evaluator = _Evaluator(config, encoder_config, tokenizer, beir_dirs, mesh, rules,
                          state_shardings.params["model"], writer)
   return _Run(config=config, mesh=mesh, rules=rules, state=state, start_step=int(state.step),
@@ -212,14 +218,19 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
       step += 1
       bar.update(1)
       if step % config.log_every_steps == 0 or step == config.total_steps:
-        last_metrics = _summarise(jax.device_get(window), max(time.time() - window_start, 1e-9))
+        fetched = jax.device_get(window)
+        _check_finite(run, fetched, step)
+        last_metrics = _summarise(fetched, max(time.time() - window_start, 1e-9))
         run.writer.write(step, last_metrics)
         bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                         tok_s=f"{last_metrics['tokens_per_s']:.0f}")
         window, window_start = [], time.time()
+        checkpoints.check_saves(run.manager)
       if stop_at_step is not None and step >= stop_at_step:
         preemption.requested = True
       if step % config.checkpoint_every_steps == 0 or preemption.requested:
+        _check_finite(run, jax.device_get(window), step)  # Never save a diverged state.
+        checkpoints.check_saves(run.manager)
         checkpoints.save(run.manager, step, run.state, run.batches.get_state())
       if preemption.requested:
         break
@@ -229,10 +240,28 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
   if not preemption.requested and run.manager.latest_step() != step:
     checkpoints.save(run.manager, step, run.state, run.batches.get_state())
   run.manager.wait_until_finished()
+  checkpoints.check_saves(run.manager)
   run.batches.close()
   if preemption.requested:
     run.writer.close()
   return step, last_metrics, preemption.requested
+
+
+def _check_finite(run: _Run, window: list[dict[str, Any]], step: int) -> None:
+  """Raises TrainingDiverged if a step of the window has a non-finite loss or gradient norm."""
+  first = step - len(window) + 1
+  for offset, metrics in enumerate(window):
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+      continue
+    run.manager.wait_until_finished()
+    good = run.manager.latest_step()
+    where = (f"the last good checkpoint is step {good} in {run.manager.directory}, and a "
+             "rerun resumes from it" if good is not None else "no checkpoint was saved")
+    raise TrainingDiverged(
+        f"Training diverged at step {first + offset}: loss={loss}, grad_norm={grad_norm}. "
+        f"Nothing after it was saved; {where}. Lower optimizer.learning_rate (now "
+        f"{run.config.optimizer.learning_rate}) or raise optimizer.warmup_steps.")
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

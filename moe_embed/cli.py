@@ -1,0 +1,126 @@
+"""Plumbing shared by the launchers: one-line errors, output checks before work, atomic writes.
+
+A launcher calls `cli.run(main)` in place of `absl.app.run(main)`. Expected
+failures (a bad config field or argument, a missing or unreadable file, a
+malformed record, a damaged checkpoint) then end with one line on stderr and
+exit code 1; the traceback is printed only with --verbosity=1 or
+MOE_EMBED_TRACEBACK=1.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Callable, Iterator
+
+from absl import app
+from absl import flags
+
+# Exit code of a run stopped by SIGTERM after saving a checkpoint: 128 + SIGTERM,
+# what a shell reports for a process ended by that signal. Schedulers treat it as
+# "preempted": rerun the same command to resume.
+EXIT_PREEMPTED = 143
+TRACEBACK_ENV = "MOE_EMBED_TRACEBACK"
+
+
+class UserError(Exception):
+  """A failure whose message says what to change; printed as one line."""
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line, without the quoting KeyError adds."""
+  message = str(error)
+  if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+    try:
+      message = ast.literal_eval(message)
+    except (ValueError, SyntaxError):
+      message = message[1:-1]
+    message = str(message)
+  message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+  return message or type(error).__name__
+
+
+def _verbose() -> bool:
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  try:
+    return flags.FLAGS["verbosity"].value >= 1
+  except (KeyError, flags.UnparsedFlagAccessError):
+    return False
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+  errors: list[type[BaseException]] = [UserError, OSError, ValueError, KeyError,
+                                       AttributeError, UnicodeDecodeError]
+  with contextlib.suppress(ImportError):
+    from safetensors import SafetensorError
+    errors.append(SafetensorError)
+  return tuple(errors)
+
+
+def _fail(error: BaseException, what: str = "Error") -> None:
+  if _verbose():
+    raise error
+  print(f"{what}: {one_line(error)} (--verbosity=1 shows the traceback)", file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-file and flag errors as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"Flag error: {one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  except _expected_errors() as e:  # Raised while loading a --config file.
+    # The root cause of a chained error is the one that names the field.
+    while e.__context__ is not None and isinstance(e.__context__, _expected_errors()):
+      if "Did you mean" in str(e) or "Unknown" in str(e):
+        break
+      e = e.__context__
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+      raise
+    print(f"Config error: {one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)` with expected failures as one line and exit code 1."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except _expected_errors() as e:
+      _fail(e)
+
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def check_output_file(path: str) -> None:
+  """Makes the parent folder of `path` and checks it can be written, before any work."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise UserError(f"Output {path} is a folder; give a file path.")
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"Cannot create the output folder {parent}: {e.strerror}.") from None
+  if not os.access(parent, os.W_OK):
+    raise UserError(f"Cannot write to {parent}: permission denied; choose another output.")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path`; renamed onto it only if the block succeeds."""
+  parent = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

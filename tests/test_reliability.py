@@ -1,0 +1,168 @@
+"""Faults and bad inputs: each ends in one clear line, and nothing good is lost or overwritten."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from moe_embed import cli, data
+from moe_embed.io import checkpoints, model_folder
+from moe_embed.train import trainer
+from tests.test_formats import FIXTURE, _config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(FIXTURE, "data")
+
+
+def _launch(script, *args, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.pop(cli.TRACEBACK_ENV, None)
+  return subprocess.run([sys.executable, f"launch/{script}", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(proc, *needles):
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith(("Error", "Config error",
+                                                                 "Flag error"))]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_divergence_stops_without_saving_a_non_finite_state(tmp_path):
+  c = _config(FIXTURE)
+  c.optimizer.learning_rate = 1e4
+  c.total_steps, c.checkpoint_every_steps, c.keep_checkpoints = 12, 2, 10
+  workdir = str(tmp_path / "w")
+  with pytest.raises(trainer.TrainingDiverged, match=r"diverged at step \d+: loss=nan.*"
+                     r"last good checkpoint is step \d+"):
+    trainer.train_and_evaluate(c, workdir)
+  params, _, meta = model_folder.load_workdir(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  assert all(np.isfinite(loss) for _, loss in _losses(workdir))
+  assert meta["step"] < 12
+
+
+def test_negative_learning_rate_is_a_config_error(tmp_path):
+  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
+                 "--config.optimizer.learning_rate=-1e-3", f"--config.data={DATA}")
+  _one_line_error(proc, "optimizer.learning_rate=-0.001 must be positive")
+
+
+def test_misspelt_config_field_and_argument_are_one_line(tmp_path):
+  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
+                 "--config.batch_szie=3")
+  _one_line_error(proc, 'Did you mean "batch_size"')
+  proc = _launch("train.py", "--config=configs/finetune.py:tiny,stpes=5", f"--workdir={tmp_path}")
+  _one_line_error(proc, "Unknown config argument 'stpes'")
+
+
+def _train(workdir, steps, **overrides):
+  c = _config(FIXTURE)
+  c.total_steps = steps
+  c.checkpoint_every_steps = 2
+  c.keep_checkpoints = 5
+  for key, value in overrides.items():
+    c[key] = value
+  return trainer.train_and_evaluate(c, workdir)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_the_log_matches_the_state(tmp_path):
+  straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+  _train(straight, 6)
+  _train(damaged, 6)
+  # Step 6 loses its array data (a crash while it was written), step 4 its metadata.
+  step6 = os.path.join(damaged, "checkpoints", "6", "state")
+  for folder, _, files in os.walk(step6):
+    for name in files:
+      if "ocdbt" in folder or name == "manifest.ocdbt":
+        open(os.path.join(folder, name), "wb").close()
+  os.remove(os.path.join(damaged, "checkpoints", "4", "state", "_METADATA"))
+  out = _train(damaged, 6)  # Resumes from step 2 and trains steps 3-6 again.
+  assert out["step"] == 6
+  got, want = _losses(damaged), _losses(straight)
+  assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]  # No duplicate rows for replayed steps.
+  np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+  assert os.path.isdir(os.path.join(damaged, "checkpoints", "6.damaged"))
+  a, _, meta = model_folder.load_workdir(damaged)
+  b, _, _ = model_folder.load_workdir(straight)
+  assert meta["step"] == 6
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_no_restorable_checkpoint_is_one_line(tmp_path):
+  workdir = str(tmp_path / "w")
+  _train(workdir, 2)
+  os.remove(os.path.join(workdir, "checkpoints", "2", "state", "_METADATA"))
+  with pytest.raises(checkpoints.CheckpointError, match="No checkpoint under .* restores"):
+    _train(workdir, 4)
+
+
+def test_prepare_data_refuses_to_overwrite_and_replaces_whole_with_overwrite(tmp_path):
+  src = tmp_path / "pairs.jsonl"
+  rows = [{"query": f"q{i}", "document": f"d{i}"} for i in range(20)]
+  src.write_bytes(b"\n".join(json.dumps(r).encode() for r in rows)
+                  + b'\n{"query": "caf\xe9", "document": "latin-1 bytes"}\n')
+  out = str(tmp_path / "ds")
+  proc = _launch("prepare_data.py", f"--input={src}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "skipped 1 malformed" in proc.stdout and "not valid UTF-8" in proc.stdout
+  os.makedirs(os.path.join(out, "heldout"))
+  proc = _launch("prepare_data.py", f"--input={src}", f"--output={out}")
+  _one_line_error(proc, f"{out} already exists", "--overwrite")
+  assert data.dataset.read_info(out)["num_examples"] == 20  # The old dataset still reads.
+  proc = _launch("prepare_data.py", f"--input={src}", f"--output={out}", "--overwrite")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not os.path.exists(os.path.join(out, "heldout"))
+  assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
+
+
+def test_truncated_gzip_input_is_one_line(tmp_path):
+  src = tmp_path / "pairs.jsonl.gz"
+  payload = gzip.compress(b"".join(
+      json.dumps({"query": f"q{i}", "document": f"d{i} " * 50}).encode() + b"\n"
+      for i in range(200)))
+  src.write_bytes(payload[:len(payload) // 2])
+  proc = _launch("prepare_data.py", f"--input={src}", f"--output={tmp_path / 'ds'}")
+  _one_line_error(proc, f"{src} is truncated")
+  assert not os.path.exists(tmp_path / "ds") and not os.path.exists(tmp_path / "ds.tmp")
+
+
+def test_encode_checks_its_input_and_output_before_the_work(tmp_path):
+  model = os.path.join(FIXTURE, "native")
+  texts = tmp_path / "texts.txt"
+  texts.write_bytes(b"fine\ncaf\xe9\n")
+  proc = _launch("encode.py", f"--model={model}", f"--input={texts}",
+                 f"--output={tmp_path / 'e.npy'}")
+  _one_line_error(proc, f"{texts}:2 is not valid UTF-8")
+  texts.write_text("fine\nalso fine\n")
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  proc = _launch("encode.py", f"--model={model}", f"--input={texts}",
+                 f"--output={blocker}/sub/e.npy")
+  _one_line_error(proc, "Cannot create the output folder")
+  broken = tmp_path / "broken"
+  os.makedirs(broken)
+  for name in os.listdir(model):
+    data_bytes = open(os.path.join(model, name), "rb").read()
+    if name.endswith(".safetensors"):
+      data_bytes = data_bytes[:len(data_bytes) // 3]
+    (broken / name).write_bytes(data_bytes)
+  proc = _launch("encode.py", f"--model={broken}", f"--input={texts}",
+                 f"--output={tmp_path / 'e.npy'}")
+  _one_line_error(proc)
+  assert not os.path.exists(tmp_path / "e.npy")
