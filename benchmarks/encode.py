@@ -12,13 +12,16 @@ Each encoder first makes one warm-up pass over all texts (our compiles happen
 there; that pass is reported separately), then --repeats timed passes that
 alternate between the two encoders, so a change in machine load hits both
 alike; texts/s uses the median pass. The two embeddings are compared as well,
-so a fast but wrong encoder shows up here.
+so a fast but wrong encoder shows up here. A third row runs the same weights
+exported by `launch/export.py` (our plain-PyTorch modeling file) in
+sentence-transformers.
 """
 
 import importlib
 import inspect
 import json
 import os
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,6 +90,7 @@ def main(argv):
   import torch
 
   from moe_embed import inference
+  from moe_embed.io import st_export
 
   if _THREADS.value:
     torch.set_num_threads(_THREADS.value)
@@ -102,10 +106,15 @@ def main(argv):
         f"with {torch.get_num_threads()} threads")
 
   reference = sentence_transformers.SentenceTransformer(folder, device="cpu")
+  exported_dir = tempfile.mkdtemp(prefix="moe_embed_exported_")
+  st_export.export_model(folder, exported_dir)
+  exported = sentence_transformers.SentenceTransformer(exported_dir, device="cpu",
+                                                       trust_remote_code=True)
   first, times, emb = _interleaved({
       "ours": lambda: ours.encode(texts, batch_size=batch, show_progress=False),
       "st": lambda: reference.encode(texts, batch_size=batch, normalize_embeddings=True,
                                      show_progress_bar=False),
+      "exported": lambda: exported.encode(texts, batch_size=batch, show_progress_bar=False),
   }, _REPEATS.value)
 
   cosine = np.sum(emb["ours"] * emb["st"], axis=1)
@@ -115,6 +124,9 @@ def main(argv):
       "sentence_transformers_texts_per_s": n / float(np.median(times["st"])),
       "ours_pass_s": times["ours"], "sentence_transformers_pass_s": times["st"],
       "ours_first_pass_s": first["ours"], "sentence_transformers_first_pass_s": first["st"],
+      "exported_texts_per_s": n / float(np.median(times["exported"])),
+      "exported_pass_s": times["exported"], "exported_first_pass_s": first["exported"],
+      "exported_min_cosine": float(np.sum(emb["ours"] * emb["exported"], axis=1).min()),
       "min_cosine": float(cosine.min()),
       "max_abs_diff": float(np.abs(emb["ours"] - emb["st"]).max()),
   }
@@ -123,6 +135,9 @@ def main(argv):
         f"(first pass, with compiles: {first['ours']:.1f} s)")
   print(f"sentence-transformers: {result['sentence_transformers_texts_per_s']:8.1f} texts/s "
         f"(first pass: {first['st']:.1f} s)")
+  print(f"exported, in s-t:      {result['exported_texts_per_s']:8.1f} texts/s "
+        f"(first pass: {first['exported']:.1f} s; min cosine to ours "
+        f"{result['exported_min_cosine']:.7f})")
   print(f"speedup {result['speedup']:.2f}x; agreement: min cosine {result['min_cosine']:.7f}, "
         f"max abs diff {result['max_abs_diff']:.2e}")
   if _JSON.value:

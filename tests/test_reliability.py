@@ -166,3 +166,44 @@ def test_encode_checks_its_input_and_output_before_the_work(tmp_path):
                  f"--output={tmp_path / 'e.npy'}")
   _one_line_error(proc)
   assert not os.path.exists(tmp_path / "e.npy")
+
+
+def test_a_failed_checkpoint_save_is_an_error_at_once(tmp_path):
+  import jax.numpy as jnp
+  import shutil
+  import time
+  from moe_embed.train.step import TrainState
+  manager = checkpoints.make_manager(str(tmp_path))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(4)}, opt_state={})
+  checkpoints.save(manager, 1, state, {"step": 1})
+  manager.wait_until_finished()
+  # The workdir's checkpoint folder is gone (a deleted or unmounted disk).
+  shutil.rmtree(checkpoints.checkpoint_dir(str(tmp_path)))
+  open(checkpoints.checkpoint_dir(str(tmp_path)), "w").close()
+  start = time.time()
+  with pytest.raises(checkpoints.CheckpointError, match="Saving the checkpoint of step 2 .* failed"):
+    checkpoints.save(manager, 2, state, {"step": 2})
+  assert time.time() - start < 30
+
+
+def test_unusable_workdir_and_dataset_are_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={blocker}/w",
+                 f"--config.data={DATA}")
+  _one_line_error(proc, str(blocker))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}/w",
+                 f"--config.data={empty}")
+  _one_line_error(proc, str(empty))
+
+
+def test_export_refuses_non_finite_parameters_and_writes_nothing(tmp_path):
+  from moe_embed.io import st_export
+  params, config, meta = model_folder.load_any(os.path.join(FIXTURE, "native"))
+  params["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"][0, 0] = np.nan
+  out = str(tmp_path / "exported")
+  with pytest.raises(ValueError, match=r"1 parameter tensors hold non-finite values .*layer_0"):
+    st_export.export(params, config, meta, out)
+  assert not os.path.exists(out) and os.listdir(tmp_path) == []

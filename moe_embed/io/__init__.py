@@ -4,6 +4,9 @@
   hf_import     BERT / XLM-RoBERTa / nomic-bert folders -> our parameter tree
   hf_export     our parameter tree -> the nomic-bert layout
   model_folder  model.json + weights: read, write, and `load_any` for --model
+  st_export     any model -> a sentence-transformers / transformers folder on plain PyTorch
+  modeling_moe_embed  the standalone PyTorch encoder copied into that folder (torch and
+                transformers only; never imported by the package)
 
 Imports: `moe_embed.model.config`, and this package's modules in the order listed.
 """

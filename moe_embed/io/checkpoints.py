@@ -21,6 +21,10 @@ import orbax.checkpoint as ocp
 RETIRED_STATE_FIELDS = ("rng",)
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir could be restored, or a save failed."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -30,25 +34,28 @@ def _handlers() -> dict:
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  # Step folders are made before save() returns, so a workdir that cannot be
+  # written fails there and then, not in a background thread minutes later.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers=_handlers())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
   """Starts an (async) save of the train state and the iterator position."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+  except Exception as e:  # pylint: disable=broad-except  (whatever the writer raised)
+    raise CheckpointError(f"Saving the checkpoint of step {step} to {manager.directory} "
+                          f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
 
 
 def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
   metadata = manager.item_metadata(step)["state"]
   return metadata.tree if hasattr(metadata, "tree") else metadata
-
-
-class CheckpointError(RuntimeError):
-  """No checkpoint of a workdir could be restored, or a save failed."""
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict, int]:

@@ -1,8 +1,10 @@
 """Our parameter tree -> a nomic-bert state dict and config.json (the inverse of `hf_import`).
 
 The layout is nomic-bert's: fused `Wqkv`, `fc1/fc2` or gated `fc11/fc12`, and in
-MoE layers `mlp.router.layer.weight` and `mlp.experts.mlp.w1` / `w2` stacked as
-[experts * mlp, width] with a shared `mlp.experts.bias`, so that
+MoE layers `mlp.router.layer.weight` and `mlp.experts.mlp.w1` / `w2` (/ `v1`
+for SwiGLU) stacked as [experts * mlp, width] with a shared `mlp.experts.bias`;
+learned positions, a pre-norm `final_ln` and a `projection` head where the
+model has them, so that
 `hf_import.load_hf_folder` reads back what is written here.
 """
 
@@ -23,6 +25,14 @@ def to_nomic_state_dict(params: dict, config: EncoderConfig) -> dict[str, np.nda
   if config.type_vocab_size:
     out["embeddings.token_type_embeddings.weight"] = (
         enc["embeddings"]["token_type_embeddings"]["embedding"])
+  if config.position_embedding == "learned":
+    out["embeddings.position_embeddings.weight"] = (
+        enc["embeddings"]["position_embeddings"]["embedding"])
+  if config.norm == "pre":
+    out["final_ln.weight"] = enc["final_norm"]["scale"]
+    out["final_ln.bias"] = enc["final_norm"]["bias"]
+  if config.projection_dim:
+    out["projection.weight"] = np.asarray(params["projection"]["kernel"]).T
   for i in range(config.num_layers):
     layer, p = enc[f"layer_{i}"], f"encoder.layers.{i}."
     attn = layer["attention"]
@@ -43,6 +53,10 @@ def to_nomic_state_dict(params: dict, config: EncoderConfig) -> dict[str, np.nda
       out[f"{p}mlp.router.layer.weight"] = np.asarray(mlp["router"]["kernel"]).T
       out[f"{p}mlp.experts.mlp.w1"] = np.transpose(np.asarray(mlp["w1"]), (0, 2, 1)).reshape(e * f, d)
       out[f"{p}mlp.experts.mlp.w2"] = np.asarray(mlp["w2"]).reshape(e * f, d)
+      if "w3" in mlp:  # SwiGLU experts: megablocks' name for the gate matrix.
+        out[f"{p}mlp.experts.mlp.v1"] = np.transpose(np.asarray(mlp["w3"]), (0, 2, 1)).reshape(e * f, d)
+      if "w1_bias" in mlp:
+        out[f"{p}mlp.experts.mlp.w1_bias"] = mlp["w1_bias"]
       out[f"{p}mlp.experts.bias"] = mlp["bias"]
     else:
       pairs = ((("fc1", "fc12"), ("gate", "fc11"), ("fc2", "fc2"))
@@ -55,7 +69,20 @@ def to_nomic_state_dict(params: dict, config: EncoderConfig) -> dict[str, np.nda
 
 
 def nomic_config_json(config: EncoderConfig) -> dict:
-  """A nomic-bert config.json for `config` (the keys params_from_nomic reads)."""
+  """A nomic-bert config.json for `config` (the keys params_from_nomic reads).
+
+  Beyond nomic-bert: a learned position table (rotary_emb_fraction 0, with
+  max_trained_positions and position_offset), per-expert w1 biases and a
+  projection head; written only when the model has them.
+  """
+  extra = {}
+  if config.position_embedding == "learned":
+    extra = {"rotary_emb_fraction": 0.0, "max_trained_positions": config.max_position_embeddings,
+             "position_offset": config.position_offset}
+  if config.expert_w1_bias:
+    extra["moe_expert_w1_bias"] = True
+  if config.projection_dim:
+    extra["projection_dim"] = config.projection_dim
   return {"model_type": "nomic_bert", "vocab_size": config.vocab_size, "n_embd": config.hidden_size,
           "n_layer": config.num_layers, "n_head": config.num_heads, "n_inner": config.mlp_dim,
           "type_vocab_size": config.type_vocab_size, "pad_token_id": config.pad_token_id,
@@ -65,4 +92,4 @@ def nomic_config_json(config: EncoderConfig) -> dict:
           "activation_function": config.mlp_activation, "qkv_proj_bias": config.qkv_bias,
           "mlp_fc1_bias": config.mlp_bias, "mlp_fc2_bias": config.mlp_bias,
           "moe_every_n_layers": config.moe_every_n_layers, "num_experts": config.num_experts,
-          "moe_top_k": config.top_k, "moe_normalize_expert_weights": config.renormalize_topk}
+          "moe_top_k": config.top_k, "moe_normalize_expert_weights": config.renormalize_topk, **extra}

@@ -2,8 +2,8 @@
 
 Layouts read: BERT (all-MiniLM-L6-v2; with or without a `bert.` prefix),
 XLM-RoBERTa (`roberta.` prefix, positions offset by pad_token_id + 1) and
-nomic-bert (model_type `nomic_bert`: fused `Wqkv`, `fc1/fc2` or gated
-`fc11/fc12`, rotary, and in MoE layers `mlp.router.layer.weight`,
+nomic-bert (model_type `nomic_bert`, or `moe_embed` as `st_export` writes it:
+fused `Wqkv`, `fc1/fc2` or gated `fc11/fc12`, rotary, and in MoE layers `mlp.router.layer.weight`,
 `mlp.experts.mlp.w1` / `w2` stacked as [experts * mlp, width] with a shared
 `mlp.experts.bias`), so a released nomic-embed-text-v2-moe folder loads as is.
 A missing or mis-shaped tensor fails with its name and both shapes.
@@ -85,7 +85,7 @@ def config_from_hf(hf: dict) -> EncoderConfig:
         position_offset=pad + 1 if kind != "bert" else 0,
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), norm="post", mlp_activation="gelu",
         moe_every_n_layers=0)
-  if kind == "nomic_bert":
+  if kind in ("nomic_bert", "moe_embed"):
     act = hf.get("activation_function", "gelu")
     if act not in ("gelu", "swiglu"):
       raise CheckpointError(f"nomic_bert activation_function={act!r} is not supported.")
@@ -107,21 +107,28 @@ def config_from_hf(hf: dict) -> EncoderConfig:
           f"mlp_fc1_bias={hf.get('mlp_fc1_bias')} and mlp_fc2_bias={hf.get('mlp_fc2_bias')} "
           "differ; the encoder has one mlp_bias switch for both.")
     moe_every = int(hf.get("moe_every_n_layers", 0) or 0)
+    fraction = float(hf.get("rotary_emb_fraction", 1.0))
+    # rotary_emb_fraction <= 0: a learned position table (exported BERT / XLM-R models).
+    positions = (dict(position_embedding="rotary", rotary_fraction=fraction) if fraction > 0 else
+                 dict(position_embedding="learned",
+                      max_position_embeddings=int(hf["max_trained_positions"]),
+                      position_offset=int(hf.get("position_offset", 0))))
     return EncoderConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"], num_layers=hf["n_layer"],
         num_heads=hf["n_head"], mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"],
         type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=int(hf.get("pad_token_id", 1)),
-        position_embedding="rotary", rotary_base=float(hf.get("rotary_emb_base", 10_000)),
-        rotary_fraction=float(hf.get("rotary_emb_fraction", 1.0)),
+        rotary_base=float(hf.get("rotary_emb_base", 10_000)), **positions,
         norm="pre" if hf.get("prenorm") else "post",
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         mlp_activation="swiglu" if act == "swiglu" else "gelu",
         qkv_bias=bool(hf.get("qkv_proj_bias", True)),
         mlp_bias=bool(hf.get("mlp_fc1_bias", True)),
         moe_every_n_layers=moe_every, num_experts=int(hf.get("num_experts", 8) or 8),
-        top_k=int(hf.get("moe_top_k", 2) or 2), renormalize_topk=bool(hf.get("moe_normalize_expert_weights", False)))
-  raise CheckpointError(f"model_type={kind!r} is not supported; expected 'bert', 'xlm-roberta' "
-                        "or 'nomic_bert'.")
+        top_k=int(hf.get("moe_top_k", 2) or 2), renormalize_topk=bool(hf.get("moe_normalize_expert_weights", False)),
+        expert_w1_bias=bool(hf.get("moe_expert_w1_bias", False)),
+        projection_dim=int(hf.get("projection_dim", 0) or 0))
+  raise CheckpointError(f"model_type={kind!r} is not supported; expected 'bert', 'xlm-roberta', "
+                        "'nomic_bert' or 'moe_embed'.")
 
 
 class _Taker:
@@ -203,7 +210,12 @@ def params_from_nomic(state: dict, config: EncoderConfig) -> dict:
   if config.type_vocab_size:
     emb["token_type_embeddings"] = {"embedding": take(
         "embeddings.token_type_embeddings.weight", (config.type_vocab_size, d))}
+  if config.position_embedding == "learned":
+    emb["position_embeddings"] = {"embedding": take(
+        "embeddings.position_embeddings.weight", (config.max_position_embeddings, d))}
   encoder = {"embeddings": emb}
+  if config.norm == "pre":
+    encoder["final_norm"] = _ln(take, "final_ln", d)
   zeros = lambda *s: np.zeros(s, np.float32)
   for i in range(config.num_layers):
     p = f"encoder.layers.{i}."
@@ -226,13 +238,16 @@ def params_from_nomic(state: dict, config: EncoderConfig) -> dict:
             f"config.json declares MoE every {config.moe_every_n_layers} layers but the "
             f"checkpoint has no {take.prefix}{p}mlp.router.layer.weight: a dense checkpoint "
             "with an MoE config.")
-      if config.mlp_activation != "gelu":
-        raise CheckpointError("Gated (swiglu) experts are not part of the nomic-bert MoE layout.")
       w1 = take(f"{p}mlp.experts.mlp.w1", (e * f, d)).reshape(e, f, d)
       w2 = take(f"{p}mlp.experts.mlp.w2", (e * f, d)).reshape(e, f, d)
       layer["mlp"] = {"router": {"kernel": take(f"{p}mlp.router.layer.weight", (e, d)).T},
                       "w1": np.transpose(w1, (0, 2, 1)), "w2": w2,
                       "bias": take(f"{p}mlp.experts.bias", (d,))}
+      if config.mlp_activation == "swiglu":  # megablocks' v1: the gate of SwiGLU experts.
+        w3 = take(f"{p}mlp.experts.mlp.v1", (e * f, d)).reshape(e, f, d)
+        layer["mlp"]["w3"] = np.transpose(w3, (0, 2, 1))
+      if config.expert_w1_bias:
+        layer["mlp"]["w1_bias"] = take(f"{p}mlp.experts.mlp.w1_bias", (e, f))
     else:
       if take.has(f"{p}mlp.router.layer.weight"):
         raise CheckpointError(f"Layer {i} has router weights but config.json makes it dense "
@@ -248,8 +263,11 @@ def params_from_nomic(state: dict, config: EncoderConfig) -> dict:
           mlp[ours]["bias"] = take(f"{p}mlp.{theirs}.bias", shape[:1])
       layer["mlp"] = mlp
     encoder[f"layer_{i}"] = layer
+  out = {"encoder": encoder}
+  if config.projection_dim:
+    out["projection"] = {"kernel": take("projection.weight", (config.projection_dim, d)).T}
   _report_leftovers(take)
-  return {"encoder": encoder}
+  return out
 
 
 def _report_leftovers(take: _Taker) -> None:
@@ -261,7 +279,7 @@ def _report_leftovers(take: _Taker) -> None:
 
 LOADERS: dict[str, Callable[[dict, EncoderConfig], dict]] = {
     "bert": params_from_bert, "xlm-roberta": params_from_bert, "roberta": params_from_bert,
-    "nomic_bert": params_from_nomic}
+    "nomic_bert": params_from_nomic, "moe_embed": params_from_nomic}
 
 
 def load_hf_folder(folder: str) -> tuple[dict, EncoderConfig, dict[str, Any]]:
@@ -278,4 +296,10 @@ def load_hf_folder(folder: str) -> tuple[dict, EncoderConfig, dict[str, Any]]:
     meta["max_length"] = min(512, config.max_position_embeddings - config.position_offset)
   if hf["model_type"] == "nomic_bert":
     meta["query_prefix"], meta["doc_prefix"] = "search_query: ", "search_document: "
+  prompts_path = os.path.join(folder, "config_sentence_transformers.json")
+  if os.path.exists(prompts_path):  # An exported folder: its prompts are the prefixes.
+    with open(prompts_path) as f:
+      prompts = json.load(f).get("prompts") or {}
+    meta["query_prefix"] = prompts.get("query", meta["query_prefix"])
+    meta["doc_prefix"] = prompts.get("document", meta["doc_prefix"])
   return params, config, meta
