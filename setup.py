@@ -56,5 +56,8 @@ setuptools.setup(
             "sentence-transformers>=3,<7",
             "protobuf>=3.20",
         ],
+        # MTEB tasks through our JAX encoder (launch/eval.py --mteb_tasks); the
+        # benchmark the field reports, run by its own package.
+        "mteb": ["mteb>=2.26,<3"],
     },
 )

@@ -1,13 +1,20 @@
-"""Evaluates an embedding model on BEIR-format folders (nDCG@10, recall@10/100, MRR@10).
+"""Evaluates an embedding model on BEIR-format folders and MTEB tasks.
 
-  python launch/eval.py --model=/tmp/moe_embed_tiny --beir=/data/beir/scifact,/data/beir/nfcorpus \
-      --output=/tmp/scores.json --dim=256
+  python launch/eval.py --model=/tmp/moe_embed_tiny --beir=/data/beir/scifact,/data/miracl \
+      --dims=768,256,64 --routing --output=/tmp/scores.json
+  python launch/eval.py --model=M --mteb_tasks=SciFact,STS12 --output=/tmp/mteb.json
 
 --model is a model folder (imported or upcycled) or a training workdir (its
-latest checkpoint). Prefixes default to the model's own; pass --query_prefix=
-(empty) to encode without one. Prints a table and, with --output, writes
+latest checkpoint), encoded with the model's own token limit unless
+--max_length is given. Prefixes default to the model's own; pass
+--query_prefix= (empty) to encode without one. A --beir folder without
+corpus.jsonl whose subfolders are BEIR folders (MIRACL: one per language) is
+scored per subfolder, with a "<folder>/average" row. --dims scores every
+Matryoshka width from one encoding pass; --routing adds router statistics (MoE
+models). Prints tables and, with --output, writes
 {"<folder name>": {"ndcg@10", "recall@10", "recall@100", "mrr@10", "num_queries",
-"num_docs", ...}, ..., "average": {...}} as JSON.
+"num_docs", ..., "dims"?: {"<width>": {...}}, "routing"?: {...}}, ...,
+"average": {...}, "mteb"?: {"<task>": {"main_score", "scores", "dims"?}}} as JSON.
 """
 
 from __future__ import annotations
@@ -23,45 +30,111 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Model folder or training workdir.")
-_BEIR = flags.DEFINE_list("beir", None, "Comma-separated BEIR folders.")
+_BEIR = flags.DEFINE_list("beir", [], "Comma-separated BEIR folders (or folders of them).")
+_MTEB_TASKS = flags.DEFINE_list("mteb_tasks", [],
+                                "Comma-separated MTEB task names (needs the [mteb] extra).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results here as JSON.")
 _DIM = flags.DEFINE_integer("dim", None, "Matryoshka dimension (first D dims, re-normalised).")
+_DIMS = flags.DEFINE_list("dims", [], "Matryoshka dimensions all scored from one encoding.")
+_ROUTING = flags.DEFINE_bool("routing", False,
+                             "Report per-folder router statistics of an MoE model.")
 _QUERY_PREFIX = flags.DEFINE_string("query_prefix", None,
                                     "Prepended to queries; default: the model's own.")
 _DOC_PREFIX = flags.DEFINE_string("doc_prefix", None,
                                   "Prepended to documents; default: the model's own.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Texts per encoder batch.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 8192,
+                                   "Documents encoded and searched at a time (bounds memory).")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None,
-                                   "Tokens per text; default: the model's own (512).")
+                                   "Tokens per text; default: the model's own token limit.")
 _SPLIT = flags.DEFINE_string("split", "test", "Qrels file: qrels/<split>.tsv.")
-flags.mark_flags_as_required(["model", "beir"])
+flags.mark_flag_as_required("model")
+
+
+def _check_output(path: str) -> None:
+  """Fails now, not after hours of encoding, if `path` cannot be written."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise OSError(f"--output={path} is a folder; give a file name.")
+  if not os.path.isdir(parent):
+    raise OSError(f"--output={path}: folder {parent} does not exist.")
+  existed = os.path.exists(path)
+  try:
+    with open(path, "a"):
+      pass
+  except OSError as e:
+    raise OSError(f"--output={path} cannot be written ({e.strerror}).") from None
+  if not existed:
+    os.remove(path)
+
+
+def _dims() -> list[int]:
+  try:
+    return [int(d) for d in _DIMS.value]
+  except ValueError:
+    raise ValueError(f"--dims={','.join(_DIMS.value)} must be integers.") from None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _BEIR.value and not _MTEB_TASKS.value:
+    raise app.UsageError("Give --beir folders, --mteb_tasks or both.")
   from moe_embed import evaluation
   from moe_embed import inference
   from moe_embed.evaluation import beir
   try:
-    # Folders first: a malformed file fails in seconds, before a model is loaded.
-    datasets = [beir.load_beir(folder, _SPLIT.value) for folder in _BEIR.value]
+    if _OUTPUT.value:
+      _check_output(_OUTPUT.value)
+    dims = _dims()
+    # Folders and task names first: bad input fails in seconds, before a model is loaded.
+    datasets = [beir.load_beir(folder, _SPLIT.value, name=name)
+                for name, folder in beir.expand_folders(_BEIR.value)]
+    mteb_tasks = []
+    if _MTEB_TASKS.value:
+      from moe_embed.evaluation import mteb as mteb_eval
+      mteb_tasks = mteb_eval.get_tasks(_MTEB_TASKS.value)
     embedder = inference.load_embedder(_MODEL.value, max_length=_MAX_LENGTH.value)
+    width = embedder.config.embedding_dim
+    bad = [d for d in dims + ([_DIM.value] if _DIM.value is not None else [])
+           if not 0 < d <= width]
+    if bad:
+      raise ValueError(f"Matryoshka widths {bad} must be between 1 and the embedding width "
+                       f"{width}.")
+    if _ROUTING.value and not embedder.config.moe_layers:
+      raise ValueError("--routing needs a mixture-of-experts model; this one is dense.")
     logging.info("Prefixes: query %r, document %r.",
                  embedder.query_prefix if _QUERY_PREFIX.value is None else _QUERY_PREFIX.value,
                  embedder.doc_prefix if _DOC_PREFIX.value is None else _DOC_PREFIX.value)
-    results = evaluation.evaluate_beir(
-        embedder, datasets, dim=_DIM.value, batch_size=_BATCH_SIZE.value,
-        query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value, split=_SPLIT.value,
-        show_progress=True)
+    results = {}
+    if datasets:
+      results = evaluation.evaluate_beir(
+          embedder, datasets, dim=_DIM.value, dims=dims, batch_size=_BATCH_SIZE.value,
+          query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value, split=_SPLIT.value,
+          show_progress=True, routing=_ROUTING.value, chunk_size=_CHUNK_SIZE.value)
+    if mteb_tasks:
+      encoder = mteb_eval.MtebEncoder(
+          embedder, dim=_DIM.value, batch_size=_BATCH_SIZE.value,
+          query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value,
+          name=os.path.basename(os.path.normpath(_MODEL.value)))
+      results["mteb"] = mteb_eval.run_tasks(encoder, mteb_tasks, dims=dims)
   except (FileNotFoundError, beir.BeirFormatError) as e:
     sys.exit(f"Error: {e}")
   except ValueError as e:
     sys.exit(f"Bad value: {e}")
-  print(evaluation.format_table(results))
+  except OSError as e:
+    sys.exit(f"Error: {e}")
+  beir_results = {k: v for k, v in results.items() if k != "mteb"}
+  if beir_results:
+    print(evaluation.format_table(beir_results))
+  if _ROUTING.value and beir_results:
+    print(evaluation.format_routing(beir_results))
+  for task, scored in results.get("mteb", {}).items():
+    line = f"MTEB {task}: main score {scored['main_score']}"
+    for width, sub in scored.get("dims", {}).items():
+      line += f", @{width} {sub['main_score']}"
+    print(line)
   if _OUTPUT.value:
-    parent = os.path.dirname(os.path.abspath(_OUTPUT.value))
-    os.makedirs(parent, exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
       json.dump(results, f, indent=2)
       f.write("\n")

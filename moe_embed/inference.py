@@ -10,6 +10,10 @@ tokens are truncated and counted (a logged warning, and `last_truncated`).
 Empty texts are not an error: they are embedded as the prefix and special
 tokens alone, with a logged warning, so that rows stay aligned with the input.
 
+With `routing=True`, encode also returns the MoE router statistics summed over
+the real tokens of the texts (moe_embed.moe.router_stats: additive, so padding
+and batching do not change them): what `launch/eval.py --routing` reports.
+
 Given a mesh and the parameters' shardings, the forward pass runs sharded: the
 rows of each batch split over the mesh as in training, parameters stay where
 they are (no copy to the host), and the embeddings come back replicated to
@@ -53,7 +57,7 @@ class Embedder:
     self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
     self.params = params  # Swappable: evaluation during training sets the current ones.
     model = EmbeddingModel(config)
-    forward = lambda params, ids, mask: model.apply({"params": params}, ids, mask)[0]
+    forward = lambda params, ids, mask: model.apply({"params": params}, ids, mask)
     if mesh is None:
       self._rows_multiple = 1
       self._forward = jax.jit(forward)
@@ -72,8 +76,13 @@ class Embedder:
     return prefix
 
   def encode(self, texts: Sequence[str], *, prefix: str = "", dim: Optional[int] = None,
-             batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
-    """float32 [n, d] unit-norm embeddings in input order (d = dim if given)."""
+             batch_size: int = 64, show_progress: bool = True, routing: bool = False):
+    """float32 [n, d] unit-norm embeddings in input order (d = dim if given).
+
+    With routing=True: (embeddings, {layer: {statistic: np.ndarray}}), the router
+    statistics of every MoE layer summed over the texts' real tokens ({} for a
+    dense model).
+    """
     texts = list(texts)
     if dim is not None and not 0 < dim <= self.config.embedding_dim:
       raise ValueError(f"dim={dim} must be between 1 and the embedding width "
@@ -95,6 +104,7 @@ class Embedder:
     batch_size = -(-batch_size // multiple) * multiple  # Whole rows for every shard.
     width = self.config.embedding_dim
     out = np.zeros((len(texts), dim or width), np.float32)
+    stats = []
     bar = tqdm.tqdm(total=len(texts), desc="encode", disable=not show_progress, unit="text")
     for start in range(0, len(texts), batch_size):
       rows = order[start:start + batch_size]
@@ -108,20 +118,36 @@ class Embedder:
         fill = rows_wanted - len(rows)
         arr = np.concatenate([arr, np.full((fill, length), self.tokenizer.pad_id, np.int32)])
         mask = np.concatenate([mask, np.zeros((fill, length), bool)])
-      emb = self._forward(self.params, arr, mask)
+      emb, aux = self._forward(self.params, arr, mask)
+      if routing:
+        stats.append(aux)  # The fill rows have no real tokens: they add nothing.
       if dim:
         emb = pooling.matryoshka(emb, dim)
       out[rows] = np.asarray(emb)[:len(rows)]
       bar.update(len(rows))
     bar.close()
+    if routing:
+      return out, sum_routing(stats)
     return out
+
+
+def sum_routing(stats: Sequence[Any]) -> dict[str, dict[str, np.ndarray]]:
+  """Router statistics of several calls added layer by layer, as float64 NumPy arrays."""
+  total: dict[str, dict[str, np.ndarray]] = {}
+  for aux in stats:
+    for layer, values in aux.items():
+      acc = total.setdefault(layer, {})
+      for key, value in values.items():
+        value = np.asarray(value, np.float64)
+        acc[key] = acc[key] + value if key in acc else value
+  return total
 
 
 def _sharded_forward(forward, mesh, rules, param_shardings):
   """(forward(params, ids, mask) -> replicated embeddings, rows per batch multiple)."""
   rows = partitioning.batch_sharding(mesh, rules)
   jitted = jax.jit(forward, in_shardings=(param_shardings, rows, rows),
-                   out_shardings=NamedSharding(mesh, P()))
+                   out_shardings=NamedSharding(mesh, P()))  # Embeddings and statistics.
 
   def run(params, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
     # Every process holds the same rows; each device takes its slice of them.
@@ -133,12 +159,19 @@ def _sharded_forward(forward, mesh, rules, param_shardings):
 
 
 def load_embedder(path: str, *, max_length: Optional[int] = None) -> Embedder:
-  """An Embedder from a training workdir (latest checkpoint) or a model folder."""
+  """An Embedder from a training workdir (latest checkpoint) or a model folder.
+
+  max_length defaults to the model's own token limit (model_folder.encode_length),
+  not to the truncation a workdir was trained with.
+  """
   from moe_embed.io import model_folder
   from moe_embed.tokenizers import load_tokenizer
   params, config, meta = model_folder.load_any(path)
   tokenizer = load_tokenizer(meta["tokenizer"])
-  return Embedder(config, params, tokenizer,
-                  max_length=max_length or int(meta.get("max_length", 512)),
+  length, source = model_folder.encode_length(config, meta)
+  if max_length:
+    length, source = max_length, "given"
+  logging.info("Encoding with at most %d tokens per text (%s).", length, source)
+  return Embedder(config, params, tokenizer, max_length=length,
                   query_prefix=meta.get("query_prefix", ""),
                   doc_prefix=meta.get("doc_prefix", ""))

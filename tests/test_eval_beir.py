@@ -191,8 +191,9 @@ def test_evaluate_beir_metrics_by_hand(tmp_path):
   assert r["recall@10"] == r["recall@100"] == pytest.approx(1.0)
   assert (r["num_queries"], r["skipped_queries"], r["num_docs"]) == (3, 1, 4)
   assert out["average"]["ndcg@10"] == pytest.approx(r["ndcg@10"])
-  # A plain function gets no prefixes: documents once, the 3 scored queries once.
-  assert encoder.calls == [("", 4), ("", 3)]
+  # A plain function gets no prefixes: the 3 scored queries once (first: the documents
+  # are searched chunk by chunk against them), then the documents once.
+  assert encoder.calls == [("", 3), ("", 4)]
 
 
 def test_prefixes_default_to_the_encoders_own_and_can_be_overridden(tmp_path):
@@ -200,11 +201,11 @@ def test_prefixes_default_to_the_encoders_own_and_can_be_overridden(tmp_path):
   encoder = TableEncoder(TABLE)
   plain = evaluation.evaluate_beir(TableEncoder(TABLE), [folder])
   via_object = evaluation.evaluate_beir(encoder, [folder], batch_size=2)
-  assert encoder.calls == [("search_document: ", 4), ("search_query: ", 3)]
+  assert encoder.calls == [("search_query: ", 3), ("search_document: ", 4)]
   assert via_object["toy"] == plain["toy"]
   encoder.calls.clear()
   evaluation.evaluate_beir(encoder, [folder], query_prefix="", doc_prefix="doc: ")
-  assert encoder.calls == [("doc: ", 4), ("", 3)]
+  assert encoder.calls == [("", 3), ("doc: ", 4)]
 
 
 def test_matryoshka_dim_keeps_leading_dims_and_renormalises(tmp_path):
@@ -265,7 +266,7 @@ def test_bad_folder_fails_before_anything_is_encoded(tmp_path):
 
 def test_encoder_returning_wrong_shapes_or_nan_is_reported(tmp_path):
   folder = _toy_folder(tmp_path / "toy")
-  with pytest.raises(ValueError, match="returned shape .* for 4 texts"):
+  with pytest.raises(ValueError, match="returned shape .* for 3 texts"):
     evaluation.evaluate_beir(lambda texts, prefix: np.zeros((1, 3)), [folder])
   with pytest.raises(ValueError, match="NaN or Inf"):
     evaluation.evaluate_beir(lambda texts, prefix: np.full((len(texts), 3), np.nan), [folder])

@@ -69,7 +69,8 @@ def test_old_workdir_resumes_to_the_same_losses(old):
   raw = json.load(open(os.path.join(workdir, model_folder.META)))
   assert raw["tokenizer"] == "tokenizer.model"
   assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
-  assert config.num_experts == 4 and meta["max_length"] == 24
+  assert config.num_experts == 4 and meta["train_max_length"] == 24
+  assert meta["max_length"] == config.max_position_embeddings  # The model's own limit.
 
 
 def test_old_native_folder_loads_the_same_parameters(old):

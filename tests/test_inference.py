@@ -70,7 +70,7 @@ def test_training_workdir_loads_its_latest_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   model_folder.write_meta(workdir, config, query_prefix="q: ", doc_prefix="d: ",
-                          max_length=48, tokenizer=tokenizer_path)
+                          max_length=48, train_max_length=32, tokenizer=tokenizer_path)
   manager = checkpoints.make_manager(workdir, async_save=False)
   steps = {}
   for step, seed in ((10, 0), (20, 1)):

@@ -4,13 +4,19 @@
   results = evaluate_beir(embedder, ["/data/beir/scifact"], dim=256)
   results["scifact"]["ndcg@10"], results["average"]["ndcg@10"]
 
-Modules: `beir` (reading and checking folders), `search` (exact top-k in JAX),
-`metrics` (nDCG, recall, MRR as trec_eval computes them), `evaluator` (the pipeline).
+Modules: `beir` (reading and checking folders, MIRACL-style folders of
+languages), `search` (exact top-k in JAX), `metrics` (nDCG, recall, MRR as
+trec_eval computes them), `evaluator` (the pipeline: Matryoshka widths from one
+encoding, router statistics, chunked encoding), `mteb` (MTEB tasks through the
+`mteb` package; imported on its own, as it needs the [mteb] extra).
 """
 
 from __future__ import annotations
 
-from moe_embed.evaluation.evaluator import evaluate_beir, evaluate_data, format_table, retrieve
+from moe_embed.evaluation.evaluator import (average_rows, evaluate_beir, evaluate_data,
+                                            format_routing, format_table, retrieve,
+                                            summarize_routing)
 from moe_embed.evaluation.metrics import METRIC_KEYS
 
-__all__ = ["evaluate_beir", "evaluate_data", "format_table", "retrieve", "METRIC_KEYS"]
+__all__ = ["average_rows", "evaluate_beir", "evaluate_data", "format_routing", "format_table",
+           "retrieve", "summarize_routing", "METRIC_KEYS"]

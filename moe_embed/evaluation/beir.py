@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 from absl import logging
 
@@ -138,11 +138,36 @@ def _is_int(s: str) -> bool:
   return True
 
 
-def load_beir(folder: str, split: str = "test") -> BeirData:
-  """Reads and checks one BEIR folder; see the module docstring for the rules."""
+def is_beir_folder(folder: str) -> bool:
+  return os.path.isfile(os.path.join(folder, "corpus.jsonl"))
+
+
+def expand_folders(folders: Sequence[str]) -> list[tuple[str, str]]:
+  """[(result name, folder)]: a BEIR folder as itself; a folder without corpus.jsonl
+  whose subfolders are BEIR folders (MIRACL-style, one per language) as each
+  subfolder, named "<folder>/<subfolder>" (sorted), so results get per-language
+  rows and a "<folder>/average" row."""
+  out = []
+  for folder in folders:
+    base = os.path.basename(os.path.normpath(folder))
+    if os.path.isdir(folder) and not is_beir_folder(folder):
+      subs = sorted(d for d in os.listdir(folder)
+                    if is_beir_folder(os.path.join(folder, d)))
+      if subs:
+        out.extend((f"{base}/{d}", os.path.join(folder, d)) for d in subs)
+        continue
+    out.append((base, folder))
+  return out
+
+
+def load_beir(folder: str, split: str = "test", name: Optional[str] = None) -> BeirData:
+  """Reads and checks one BEIR folder; see the module docstring for the rules.
+
+  `name` keys its results (default: the folder's base name).
+  """
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"BEIR folder {folder} does not exist.")
-  name = os.path.basename(os.path.normpath(folder))
+  name = name or os.path.basename(os.path.normpath(folder))
   qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
   for path in (os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "queries.jsonl"),
                qrels_path):

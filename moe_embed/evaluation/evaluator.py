@@ -6,6 +6,11 @@ default prefixes, `.query_prefix` / `.doc_prefix` (moe_embed.inference.Embedder)
 Embeddings are L2-normalised here whatever the encoder returns; with `dim`, the
 first `dim` dimensions are kept and re-normalised (Matryoshka).
 
+Queries are encoded first; documents are then encoded a chunk at a time and
+each chunk is searched at every requested Matryoshka width and merged into a
+running top-k, so a large corpus (a MIRACL language) never holds all its
+embeddings at once, and every width comes from one encoding pass.
+
 As BEIR does, a retrieved document whose id equals the query's id is dropped
 before scoring (BEIR's `ignore_identical_ids`, on by default): one extra hit is
 retrieved so that `top` remain.
@@ -26,7 +31,7 @@ EncodeFn = Callable[[Sequence[str], str], np.ndarray]  # (texts, prefix) -> [n, 
 Encoder = Union[EncodeFn, Any]  # An EncodeFn or an object with .encode (see module doc).
 
 TOP = 100  # Hits kept per query: enough for recall@100.
-_ENCODE_CHUNK = 8192  # Texts per call of a plain encode function (bounds its memory).
+_ENCODE_CHUNK = 8192  # Documents encoded and searched at a time (bounds memory).
 
 
 def normalize(x: np.ndarray, dim: Optional[int] = None) -> np.ndarray:
@@ -43,12 +48,18 @@ def normalize(x: np.ndarray, dim: Optional[int] = None) -> np.ndarray:
 
 
 def _encode(encoder: Encoder, texts: Sequence[str], prefix: str, *, batch_size: int,
-            show_progress: bool, desc: str) -> np.ndarray:
-  """Raw embeddings [len(texts), d] in input order."""
+            show_progress: bool, desc: str, routing: bool = False):
+  """Raw embeddings [len(texts), d] in input order; with routing, (embeddings, statistics)."""
+  stats = None
   if hasattr(encoder, "encode"):
+    kwargs = {"routing": True} if routing else {}
     out = encoder.encode(list(texts), prefix=prefix, batch_size=batch_size,
-                         show_progress=show_progress)
+                         show_progress=show_progress, **kwargs)
+    if routing:
+      out, stats = out
   else:
+    if routing:
+      raise ValueError("Router statistics need an Embedder, not a plain encode function.")
     parts = []
     with tqdm.tqdm(total=len(texts), desc=desc, unit="text", disable=not show_progress) as bar:
       for start in range(0, len(texts), _ENCODE_CHUNK):
@@ -60,7 +71,21 @@ def _encode(encoder: Encoder, texts: Sequence[str], prefix: str, *, batch_size: 
   if out.ndim != 2 or len(out) != len(texts):
     raise ValueError(f"The encoder returned shape {out.shape} for {len(texts)} texts; expected "
                      f"[{len(texts)}, dim].")
-  return out
+  return (out, stats) if routing else out
+
+
+def _merge(best: Optional[tuple[np.ndarray, np.ndarray]], scores: np.ndarray, idx: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Running top-k [q, k] merged with one document chunk's (indices already global).
+
+  The running results come first and the sort is stable, so equal scores keep
+  the lower document index first, as search.top_k orders them within a chunk.
+  """
+  if best is not None:
+    scores = np.concatenate([best[0], scores], axis=1)
+    idx = np.concatenate([best[1], idx], axis=1)
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def retrieve(query_emb: np.ndarray, doc_emb: np.ndarray, query_ids: Sequence[str],
@@ -87,21 +112,125 @@ def retrieve(query_emb: np.ndarray, doc_emb: np.ndarray, query_ids: Sequence[str
   return run
 
 
+def _to_run(scores: np.ndarray, idx: np.ndarray, query_ids: Sequence[str],
+            doc_ids: Sequence[str], top: int) -> dict[str, dict[str, float]]:
+  """{query id: {doc id: score}} from top-k arrays, dropping a document with the query's id."""
+  run = {}
+  for qi, qid in enumerate(query_ids):
+    hits = {}
+    for sc, j in zip(scores[qi].tolist(), idx[qi].tolist()):
+      did = doc_ids[j]
+      if did != qid and len(hits) < top:
+        hits[did] = sc
+    run[qid] = hits
+  return run
+
+
+def _unscorable_reason(data: beir.BeirData) -> str:
+  """Why no query of a folder can be scored, in words."""
+  c = data.counts
+  if not data.doc_ids:
+    return "the corpus holds no documents"
+  if not data.qrels:
+    unknown = c.get("unknown_qrels_queries", 0) + c.get("unknown_qrels_docs", 0)
+    if unknown:
+      return f"all {unknown} qrels lines name unknown query or document ids"
+    return "no query is judged in the qrels"
+  return "no judged query has a relevant document (grade > 0)"
+
+
 def evaluate_data(encoder: Encoder, data: beir.BeirData, *, dim: Optional[int] = None,
-                  batch_size: int = 64, query_prefix: str = "", doc_prefix: str = "",
-                  show_progress: bool = False) -> dict[str, float]:
-  """Metrics of one loaded folder: METRIC_KEYS, num_queries, skipped_queries, num_docs."""
+                  dims: Sequence[int] = (), batch_size: int = 64, query_prefix: str = "",
+                  doc_prefix: str = "", show_progress: bool = False, routing: bool = False,
+                  chunk_size: int = _ENCODE_CHUNK) -> dict[str, Any]:
+  """Metrics of one loaded folder: METRIC_KEYS, num_queries, skipped_queries, num_docs.
+
+  Documents are encoded `chunk_size` at a time and each chunk is searched and
+  merged into a running top-k, so memory holds one chunk of embeddings plus
+  [num_queries, TOP] results whatever the corpus size. The metrics are those of
+  width `dim` (None = full); with `dims`, entry "dims" maps each width to its
+  metrics, all from the same encoding. With `routing`, entry "routing" holds
+  the router statistics of queries and documents (summarize_routing).
+  A folder where no query can be scored has metrics None and "unscored" says why.
+  """
+  widths = [dim] + [d for d in dims if d != dim]
+  k = TOP + 1  # One extra: a document with the query's own id is dropped (module doc).
+  best: dict[Optional[int], Any] = {w: None for w in widths}
+  stats = {"queries": [], "documents": []}
   if data.query_ids and data.doc_ids:
-    docs = normalize(_encode(encoder, data.doc_texts, doc_prefix, batch_size=batch_size,
-                             show_progress=show_progress, desc=f"{data.name} docs"), dim)
-    queries = normalize(_encode(encoder, data.query_texts, query_prefix, batch_size=batch_size,
-                                show_progress=show_progress, desc=f"{data.name} queries"), dim)
-    run = retrieve(queries, docs, data.query_ids, data.doc_ids, show_progress=show_progress)
-  else:
-    run = {}
-  result = metrics.evaluate_run(run, data.qrels)
-  result["num_docs"] = len(data.doc_ids)
+    raw = _encode(encoder, data.query_texts, query_prefix, batch_size=batch_size,
+                  show_progress=show_progress, desc=f"{data.name} queries", routing=routing)
+    if routing:
+      raw, q_stats = raw
+      stats["queries"].append(q_stats)
+    queries = {w: normalize(raw, w) for w in widths}
+    del raw
+    with tqdm.tqdm(total=len(data.doc_ids), desc=f"{data.name} docs", unit="doc",
+                   disable=not show_progress) as bar:
+      for start in range(0, len(data.doc_ids), chunk_size):
+        texts = data.doc_texts[start:start + chunk_size]
+        raw = _encode(encoder, texts, doc_prefix, batch_size=batch_size, show_progress=False,
+                      desc="", routing=routing)
+        if routing:
+          raw, d_stats = raw
+          stats["documents"].append(d_stats)
+        for w in widths:
+          scores, idx = search.top_k(queries[w], normalize(raw, w), k)
+          best[w] = _merge(best[w], scores, idx + start, k)
+        bar.update(len(texts))
+  runs = {w: (_to_run(*best[w], data.query_ids, data.doc_ids, TOP) if best[w] is not None
+              else {}) for w in widths}
+  result: dict[str, Any] = _scored(runs[dim], data)
+  if dims:
+    result["dims"] = {str(w): _scored(runs[w], data) for w in widths if w in dims}
+  if routing:
+    top_k = getattr(getattr(encoder, "config", None), "top_k", 1)
+    result["routing"] = {part: summarize_routing(_add_stats(s), top_k)
+                         for part, s in stats.items()}
   return result
+
+
+def _scored(run: dict[str, dict[str, float]], data: beir.BeirData) -> dict[str, Any]:
+  """evaluate_run's metrics and counts; metrics None (and "unscored") without a scorable query."""
+  result: dict[str, Any] = metrics.evaluate_run(run, data.qrels)
+  result["num_docs"] = len(data.doc_ids)
+  if result["num_queries"] == 0:
+    for key in metrics.METRIC_KEYS:
+      result[key] = None
+    result["unscored"] = _unscorable_reason(data)
+  return result
+
+
+def _add_stats(parts: Sequence[dict]) -> dict[str, dict[str, np.ndarray]]:
+  """Router statistics of several encode calls, added layer by layer (they are sums)."""
+  total: dict[str, dict[str, np.ndarray]] = {}
+  for stats in parts:
+    for layer, values in stats.items():
+      acc = total.setdefault(layer, {})
+      for key, value in values.items():
+        acc[key] = acc.get(key, 0.0) + np.asarray(value, np.float64)
+  return total
+
+
+def summarize_routing(stats: dict[str, dict[str, np.ndarray]], top_k: int) -> dict[str, Any]:
+  """Per MoE layer: expert_fraction [E] (share of top-k assignments), router_entropy
+  (mean per-token entropy of the router, nats), usage_entropy (entropy of
+  expert_fraction: log E when balanced), load_balancing_loss, num_tokens."""
+  out = {}
+  for layer in sorted(stats, key=lambda name: (len(name), name)):
+    values = stats[layer]
+    n = max(float(values["num_tokens"]), 1.0)
+    fraction = np.asarray(values["expert_counts"], np.float64) / (n * top_k)
+    p = fraction[fraction > 0]
+    out[layer] = {
+        "expert_fraction": [round(float(f), 6) for f in fraction],
+        "router_entropy": float(values["entropy_sum"]) / n,
+        "usage_entropy": float(-np.sum(p * np.log(p))),
+        "load_balancing_loss": float(len(fraction) * np.sum(
+            fraction * np.asarray(values["prob_sum"], np.float64) / n)),
+        "num_tokens": int(values["num_tokens"]),
+    }
+  return out
 
 
 def _default_prefix(encoder: Encoder, given: Optional[str], attr: str) -> str:
@@ -111,10 +240,10 @@ def _default_prefix(encoder: Encoder, given: Optional[str], attr: str) -> str:
 
 
 def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirData]], *,
-                  dim: Optional[int] = None, batch_size: int = 64,
+                  dim: Optional[int] = None, dims: Sequence[int] = (), batch_size: int = 64,
                   query_prefix: Optional[str] = None, doc_prefix: Optional[str] = None,
-                  split: str = "test",
-                  show_progress: bool = False) -> dict[str, dict[str, float]]:
+                  split: str = "test", show_progress: bool = False, routing: bool = False,
+                  chunk_size: int = _ENCODE_CHUNK) -> dict[str, dict[str, Any]]:
   """{folder name: metrics, ..., "average": means over folders}.
 
   Args:
@@ -122,29 +251,41 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
     beir_dirs: BEIR folders (or folders already read with beir.load_beir); all
       are read and checked before anything is encoded.
     dim: Matryoshka dimension (first `dim` dims, re-normalised); None = full.
+    dims: more Matryoshka widths scored from the same encoding: each folder's
+      entry gains "dims": {"<width>": metrics}.
     batch_size: passed to an object's `.encode`.
     query_prefix, doc_prefix: prepended to queries / documents; None = the
       encoder's own `.query_prefix` / `.doc_prefix` ('' for a plain function).
     split: qrels file, qrels/<split>.tsv.
     show_progress: tqdm bars while encoding and searching.
+    routing: add each folder's router statistics (an Embedder of an MoE model).
+    chunk_size: documents encoded and searched at a time (bounds memory).
 
   Returns:
     Per folder "ndcg@10", "recall@10", "recall@100", "mrr@10" (means over queries
-    with a relevant document), "num_queries", "skipped_queries", "num_docs";
-    "average" holds the unweighted mean of each metric over folders (as BEIR
-    averages are reported) and the summed counts.
+    with a relevant document; None, with "unscored" saying why, where no query
+    can be scored), "num_queries", "skipped_queries", "num_docs"; "average"
+    holds the unweighted mean of each metric over the scored folders (as BEIR
+    averages are reported), the summed counts and "num_folders" /
+    "unscored_folders". Folders named "<group>/<name>" (beir.expand_folders:
+    one folder per language) also get a "<group>/average" row.
   """
   if isinstance(beir_dirs, str):
     beir_dirs = [d for d in beir_dirs.split(",") if d]
-  if batch_size <= 0:
-    raise ValueError(f"batch_size={batch_size} must be positive.")
-  if dim is not None and dim <= 0:
-    raise ValueError(f"dim={dim} must be positive (or None for the full width).")
+  if batch_size <= 0 or chunk_size <= 0:
+    raise ValueError(f"batch_size={batch_size} and chunk_size={chunk_size} must be positive.")
+  for d in ([dim] if dim is not None else []) + list(dims):
+    if d <= 0:
+      raise ValueError(f"dim={d} must be positive (or None for the full width).")
+  width = getattr(getattr(encode_fn, "config", None), "embedding_dim", None)
+  too_wide = [d for d in ([dim] if dim else []) + list(dims) if width and d > width]
+  if too_wide:
+    raise ValueError(f"Matryoshka widths {too_wide} exceed the embedding width {width}.")
   names = {}
   for folder in beir_dirs:
     name = folder.name if isinstance(folder, beir.BeirData) else (
         os.path.basename(os.path.normpath(folder)))
-    if name == "average" or name in names:
+    if name == "average" or name.endswith("/average") or name in names:
       raise ValueError(f"BEIR folders {names.get(name, '(reserved)')} and {folder} share the "
                        f"name {name!r}; results are keyed by folder name, so rename one.")
     names[name] = folder
@@ -152,29 +293,82 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
               for folder in beir_dirs]
   q_prefix = _default_prefix(encode_fn, query_prefix, "query_prefix")
   d_prefix = _default_prefix(encode_fn, doc_prefix, "doc_prefix")
-  results: dict[str, dict[str, float]] = {}
+  results: dict[str, dict[str, Any]] = {}
   for data in datasets:
     logging.info("Evaluating %s: %d queries, %d documents.", data.name, len(data.query_ids),
                  len(data.doc_ids))
-    results[data.name] = evaluate_data(encode_fn, data, dim=dim, batch_size=batch_size,
-                                       query_prefix=q_prefix, doc_prefix=d_prefix,
-                                       show_progress=show_progress)
+    results[data.name] = evaluate_data(encode_fn, data, dim=dim, dims=dims,
+                                       batch_size=batch_size, query_prefix=q_prefix,
+                                       doc_prefix=d_prefix, show_progress=show_progress,
+                                       routing=routing, chunk_size=chunk_size)
+    if results[data.name].get("unscored"):
+      logging.warning("BEIR folder %s: no query can be scored (%s); it is left out of the "
+                      "average.", data.name, results[data.name]["unscored"])
+  groups: dict[str, list[dict]] = {}
+  for name, r in results.items():
+    if "/" in name:
+      groups.setdefault(name.rsplit("/", 1)[0], []).append(r)
+  averages = {f"{g}/average": average_rows(rows) for g, rows in groups.items() if len(rows) > 1}
   if results:
-    average: dict[str, float] = {
-        k: float(np.mean([r[k] for r in results.values()])) for k in metrics.METRIC_KEYS}
-    for k in ("num_queries", "skipped_queries", "num_docs"):
-      average[k] = int(sum(r[k] for r in results.values()))
-    results["average"] = average
+    averages["average"] = average_rows(list(results.values()))
+  results.update(averages)
   return results
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-  """A fixed-width text table of evaluate_beir's results, one row per folder."""
+def average_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Unweighted means of the metrics over the scored rows (also per Matryoshka width), summed
+  counts, and how many rows were scored."""
+  scored = [r for r in rows if r.get(metrics.METRIC_KEYS[0]) is not None]
+  average: dict[str, Any] = {
+      k: (float(np.mean([r[k] for r in scored])) if scored else None)
+      for k in metrics.METRIC_KEYS}
+  for k in ("num_queries", "skipped_queries", "num_docs"):
+    average[k] = int(sum(r[k] for r in rows))
+  average["num_folders"] = len(rows)
+  average["unscored_folders"] = len(rows) - len(scored)
+  widths = [w for w in rows[0].get("dims", {})] if rows else []
+  if widths and all(set(r.get("dims", {})) == set(widths) for r in rows):
+    average["dims"] = {w: average_rows([r["dims"][w] for r in rows]) for w in widths}
+    for w in widths:
+      for k in ("num_folders", "unscored_folders"):
+        average["dims"][w].pop(k)
+  return average
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+  """A fixed-width text table of evaluate_beir's results: one row per folder and,
+  where Matryoshka widths were scored, one per folder and width ("name @256")."""
   cols = metrics.METRIC_KEYS + ("num_queries", "num_docs")
-  width = max([len("dataset")] + [len(n) for n in results])
-  lines = [f"{'dataset':<{width}}  " + "  ".join(f"{c:>11}" for c in cols)]
+  rows = []
   for name, r in results.items():
-    cells = [f"{r[c]:>11.4f}" if c in metrics.METRIC_KEYS else f"{int(r[c]):>11d}"
-             for c in cols]
-    lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    rows.append((name, r))
+    for width, sub in r.get("dims", {}).items():
+      rows.append((f"{name} @{width}", sub))
+  width = max([len("dataset")] + [len(n) for n, _ in rows])
+  lines = [f"{'dataset':<{width}}  " + "  ".join(f"{c:>11}" for c in cols)]
+  for name, r in rows:
+    if r.get(metrics.METRIC_KEYS[0]) is None:
+      cells = [f"{'n/a':>11}" for _ in metrics.METRIC_KEYS]
+    else:
+      cells = [f"{r[c]:>11.4f}" for c in metrics.METRIC_KEYS]
+    cells += [f"{int(r[c]):>11d}" for c in ("num_queries", "num_docs")]
+    line = f"{name:<{width}}  " + "  ".join(cells)
+    if r.get("unscored"):
+      line += f"  (not scored: {r['unscored']})"
+    elif r.get("unscored_folders"):
+      line += f"  ({r['unscored_folders']} of {r['num_folders']} folders not scored)"
+    lines.append(line)
+  return "\n".join(lines)
+
+
+def format_routing(results: dict[str, dict[str, Any]]) -> str:
+  """Router statistics of evaluate_beir(routing=True), one line per folder, part and layer:
+  router entropy, usage entropy and the share of tokens sent to each expert."""
+  lines = [f"{'dataset':<24} {'part':<9} {'layer':<9} {'entropy':>8} {'usage':>7}  expert share"]
+  for name, r in results.items():
+    for part, layers in r.get("routing", {}).items():
+      for layer, m in layers.items():
+        share = " ".join(f"{f:.3f}" for f in m["expert_fraction"])
+        lines.append(f"{name:<24} {part:<9} {layer:<9} {m['router_entropy']:>8.4f} "
+                     f"{m['usage_entropy']:>7.4f}  {share}")
   return "\n".join(lines)

@@ -3,7 +3,12 @@
 A model folder holds `model.json`:
 
   {"encoder": EncoderConfig fields, "tokenizer": file name in the folder,
-   "query_prefix": str, "doc_prefix": str, "max_length": int}
+   "query_prefix": str, "doc_prefix": str, "max_length": int,
+   "train_max_length": int (training workdirs only)}
+
+`max_length` is the model's own token limit, what encoding uses by default;
+a training workdir also records `train_max_length`, the truncation it was
+trained with, which does not apply at encoding time (`encode_length`).
 
 beside its weights: `params.safetensors` (a native folder: float32, '/'-joined
 parameter paths) or `checkpoints/` (a training workdir: the newest Orbax
@@ -18,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from flax import traverse_util
@@ -45,9 +50,43 @@ def _tokenizer_file(path: str) -> str:
   return path
 
 
+def token_limit(config: EncoderConfig, meta: Optional[dict] = None) -> int:
+  """The model's own token limit: as encode_length reads it from a folder's meta,
+  else (fresh weights) the position table's: max_position_embeddings - position_offset
+  (a rotary model records its trained context in max_position_embeddings)."""
+  if meta and (meta.get("max_length") or "step" in meta):
+    return encode_length(config, meta)[0]
+  return int(config.max_position_embeddings - config.position_offset)
+
+
+def encode_length(config: EncoderConfig, meta: dict) -> tuple[int, str]:
+  """(tokens per text for encoding, where that number comes from) of a loaded model.
+
+  A folder written by training holds both its training truncation and the
+  model's limit; encoding uses the limit. A workdir written before both were
+  recorded holds only the truncation: the position table's limit is used then.
+  """
+  if "train_max_length" in meta:
+    return int(meta["max_length"]), (
+        f"the model's token limit; it was trained truncated to {meta['train_max_length']}")
+  if "step" in meta:  # An older training workdir: max_length was the training truncation.
+    limit = int(config.max_position_embeddings - config.position_offset)
+    return limit, (f"the position table's limit; the workdir records only its training "
+                   f"truncation {meta.get('max_length')}")
+  if meta.get("max_length"):
+    return int(meta["max_length"]), "the model's token limit"
+  return int(config.max_position_embeddings - config.position_offset), (
+      "the position table's limit")
+
+
 def write_meta(folder: str, config: EncoderConfig, *, tokenizer: str, query_prefix: str = "",
-               doc_prefix: str = "", max_length: int = 512) -> None:
-  """Writes `model.json` and copies the tokenizer file into `folder`."""
+               doc_prefix: str = "", max_length: int = 512,
+               train_max_length: Optional[int] = None) -> None:
+  """Writes `model.json` and copies the tokenizer file into `folder`.
+
+  max_length: the model's token limit (the default for encoding);
+  train_max_length: the truncation used in training, recorded for reference.
+  """
   os.makedirs(folder, exist_ok=True)
   source = _tokenizer_file(tokenizer)
   name = os.path.basename(source)
@@ -56,6 +95,8 @@ def write_meta(folder: str, config: EncoderConfig, *, tokenizer: str, query_pref
     shutil.copy(source, target)
   meta = {"encoder": config.to_dict(), "tokenizer": name, "query_prefix": query_prefix,
           "doc_prefix": doc_prefix, "max_length": int(max_length)}
+  if train_max_length is not None:
+    meta["train_max_length"] = int(train_max_length)
   with open(os.path.join(folder, META), "w") as f:
     json.dump(meta, f, indent=2)
 

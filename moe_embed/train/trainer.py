@@ -152,7 +152,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     model_folder.write_meta(
         workdir, encoder_config, tokenizer=tokenizer_path,
         query_prefix=inputs.query_prefix, doc_prefix=inputs.doc_prefix,
-        max_length=int(max(inputs.max_query_len, inputs.max_doc_len)))
+        max_length=model_folder.token_limit(encoder_config, model_meta),
+        train_max_length=int(max(inputs.max_query_len, inputs.max_doc_len)))
 
   model = EmbeddingModel(encoder_config)
   optimizer, schedule = optimizer_lib.make_optimizer(opt_cfg, config.total_steps)
