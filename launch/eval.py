@@ -29,6 +29,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from moe_embed import cli  # noqa: E402
+
 _MODEL = flags.DEFINE_string("model", None, "Model folder or training workdir.")
 _BEIR = flags.DEFINE_list("beir", [], "Comma-separated BEIR folders (or folders of them).")
 _MTEB_TASKS = flags.DEFINE_list("mteb_tasks", [],
@@ -118,12 +120,8 @@ def main(argv):
           query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value,
           name=os.path.basename(os.path.normpath(_MODEL.value)))
       results["mteb"] = mteb_eval.run_tasks(encoder, mteb_tasks, dims=dims)
-  except (FileNotFoundError, beir.BeirFormatError) as e:
-    sys.exit(f"Error: {e}")
-  except ValueError as e:
-    sys.exit(f"Bad value: {e}")
-  except OSError as e:
-    sys.exit(f"Error: {e}")
+  except beir.BeirFormatError as e:
+    raise cli.UserError(str(e)) from None
   beir_results = {k: v for k, v in results.items() if k != "mteb"}
   if beir_results:
     print(evaluation.format_table(beir_results))
@@ -135,11 +133,11 @@ def main(argv):
       line += f", @{width} {sub['main_score']}"
     print(line)
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
+    with cli.atomic_path(_OUTPUT.value) as tmp, open(tmp, "w") as f:
       json.dump(results, f, indent=2)
       f.write("\n")
     logging.info("Wrote %s.", _OUTPUT.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

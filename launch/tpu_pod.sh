@@ -44,7 +44,13 @@ set -euo pipefail
 if [[ ! -d moe-embed ]]; then git clone --branch ${BRANCH} ${REPO_URL} moe-embed; fi
 cd moe-embed && git fetch -q origin ${BRANCH} && git checkout -q origin/${BRANCH}
 pip install -q -e . 'jax[tpu]'
-python3 launch/train.py --distributed --workdir=${WORKDIR} ${TRAIN_ARGS}
+# Exit 143: SIGTERM (a maintenance event) arrived and a checkpoint was saved;
+# run again to resume from it. Any other failure stops the job.
+until python3 launch/train.py --distributed --workdir=${WORKDIR} ${TRAIN_ARGS}; do
+  rc=\$?
+  if [[ \$rc -ne 143 ]]; then exit \$rc; fi
+  echo "Preempted after a checkpoint; resuming."
+done
 REMOTE
 )
 

@@ -207,3 +207,23 @@ def test_export_refuses_non_finite_parameters_and_writes_nothing(tmp_path):
   with pytest.raises(ValueError, match=r"1 parameter tensors hold non-finite values .*layer_0"):
     st_export.export(params, config, meta, out)
   assert not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_eval_and_encode_refuse_a_model_with_non_finite_parameters(tmp_path):
+  from tests.test_eval_beir import _simple
+  params, config, meta = model_folder.load_any(os.path.join(FIXTURE, "native"))
+  params["encoder"]["embeddings"]["layer_norm"]["scale"][:] = np.nan
+  broken = str(tmp_path / "nan_model")
+  model_folder.save_model_folder(broken, params, config, tokenizer_path=meta["tokenizer"])
+  folder = tmp_path / "beir"
+  _simple(folder)
+  out = tmp_path / "scores.json"
+  proc = _launch("eval.py", f"--model={broken}", f"--beir={folder}", f"--output={out}")
+  _one_line_error(proc, "embeddings are not finite")
+  assert not os.path.exists(out)
+  texts = tmp_path / "t.txt"
+  texts.write_text("one\ntwo\n")
+  proc = _launch("encode.py", f"--model={broken}", f"--input={texts}",
+                 f"--output={tmp_path / 'e.npy'}")
+  _one_line_error(proc, "embeddings are not finite")
+  assert not os.path.exists(tmp_path / "e.npy")
