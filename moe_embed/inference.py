@@ -34,6 +34,7 @@ from moe_embed import partitioning
 from moe_embed.model import pooling
 from moe_embed.model.config import EncoderConfig
 from moe_embed.model.encoder import EmbeddingModel
+from moe_embed.moe import router_stats
 
 PREFIXES = {"query": "query_prefix", "document": "doc_prefix", "none": None}
 
@@ -132,15 +133,10 @@ class Embedder:
 
 
 def sum_routing(stats: Sequence[Any]) -> dict[str, dict[str, np.ndarray]]:
-  """Router statistics of several calls added layer by layer, as float64 NumPy arrays."""
-  total: dict[str, dict[str, np.ndarray]] = {}
-  for aux in stats:
-    for layer, values in aux.items():
-      acc = total.setdefault(layer, {})
-      for key, value in values.items():
-        value = np.asarray(value, np.float64)
-        acc[key] = acc[key] + value if key in acc else value
-  return total
+  """Additive router statistics of several calls, summed layer by layer in float64."""
+  return router_stats.add_stats(
+      [{layer: {k: np.asarray(values[k], np.float64) for k in router_stats.STAT_KEYS}
+        for layer, values in aux.items()} for aux in stats])
 
 
 def _sharded_forward(forward, mesh, rules, param_shardings):

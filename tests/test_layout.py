@@ -19,9 +19,9 @@ ALLOWED = {
     "cli": set(),
     "model": {"moe"},
     "io": {"model", "tokenizers"},
-    "evaluation": set(),
+    "evaluation": {"moe"},
     "data": {"tokenizers", "evaluation"},
-    "inference": {"model", "io", "partitioning", "tokenizers"},
+    "inference": {"model", "moe", "io", "partitioning", "tokenizers"},
     "train": {"model", "moe", "io", "data", "evaluation", "inference", "partitioning",
               "tokenizers"},
 }

@@ -26,6 +26,7 @@ import numpy as np
 import tqdm
 
 from moe_embed.evaluation import beir, metrics, search
+from moe_embed.moe import router_stats
 
 EncodeFn = Callable[[Sequence[str], str], np.ndarray]  # (texts, prefix) -> [n, d]
 Encoder = Union[EncodeFn, Any]  # An EncodeFn or an object with .encode (see module doc).
@@ -206,14 +207,10 @@ def _scored(run: dict[str, dict[str, float]], data: beir.BeirData) -> dict[str, 
 
 
 def _add_stats(parts: Sequence[dict]) -> dict[str, dict[str, np.ndarray]]:
-  """Router statistics of several encode calls, added layer by layer (they are sums)."""
-  total: dict[str, dict[str, np.ndarray]] = {}
-  for stats in parts:
-    for layer, values in stats.items():
-      acc = total.setdefault(layer, {})
-      for key, value in values.items():
-        acc[key] = acc.get(key, 0.0) + np.asarray(value, np.float64)
-  return total
+  """Router statistics of several encode calls, added layer by layer in float64."""
+  return router_stats.add_stats(
+      [{layer: {k: np.asarray(v, np.float64) for k, v in values.items()}
+        for layer, values in stats.items()} for stats in parts])
 
 
 def summarize_routing(stats: dict[str, dict[str, np.ndarray]], top_k: int) -> dict[str, Any]:
