@@ -59,5 +59,7 @@ setuptools.setup(
         # MTEB tasks through our JAX encoder (launch/eval.py --mteb_tasks); the
         # benchmark the field reports, run by its own package.
         "mteb": ["mteb>=2.26,<3"],
+        # The notebooks in colabs/: plots, and executing them in the tests.
+        "colab": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
     },
 )

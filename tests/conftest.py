@@ -15,3 +15,4 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores")
   config.addinivalue_line("markers", "torch: needs PyTorch and the reference packages")
+  config.addinivalue_line("markers", "colab: executes the notebooks in colabs/ (the [colab] extra)")
