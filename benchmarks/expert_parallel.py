@@ -26,7 +26,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_embed import model_config, partitioning  # noqa: E402
+from moe_embed import partitioning  # noqa: E402
+from moe_embed.model import config as model_config  # noqa: E402
 from moe_embed.model.encoder import EmbeddingModel, init_params  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step (global).")

@@ -9,7 +9,7 @@ time of a jitted jax.grad of sum(y * probe) with respect to the parameters and
 the input x, for
 - one MoE block, `moe_mlp.MoeMlp`, with 8 experts and top-2 routing
   (`model_config.preset(width, num_experts=8, top_k=2, moe_every_n_layers=2,
-  dtype='float32')`), once per path:
+  dtype=--dtype, float32 by default)`), once per path:
     dropless             sort + grouped matmul, the backend's default kernel
                          ('windowed' on CPU);
     dropless_tiled       the same with the 'tiled' kernel;
@@ -62,6 +62,7 @@ _PATHS = flags.DEFINE_list("paths", list(PATHS), "MoE variants to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration (median).")
 _MAX_GB = flags.DEFINE_float(
     "max_gb", 16.0, "Skip a configuration whose compiled step needs more memory (GB).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (float32 or bfloat16).")
 _BUDGET_S = flags.DEFINE_float(
     "budget_s", 90.0, "Fewer timed runs (at least 1) when --repeats would exceed this.")
 
@@ -105,7 +106,7 @@ def _time(compiled, *args) -> tuple[float, int]:
 
 def _config(width: str, path: str) -> model_config.EncoderConfig:
   base = model_config.preset(width, num_experts=8, top_k=2, moe_every_n_layers=2,
-                             dtype="float32", capacity_factor=1.25)
+                             dtype=_DTYPE.value, capacity_factor=1.25)
   if path == "dropless_ragged_dot":
     return base.replace(moe_dispatch="dropless", grouped_matmul="ragged_dot")
   if path == "dropless_tiled":
@@ -134,7 +135,7 @@ def main(argv):
     raise app.UsageError(f"Unknown --paths {unknown}; choose from {PATHS}.")
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, backend {jax.default_backend()} "
-        f"({device.device_kind}, {jax.device_count()} device(s)), float32, "
+        f"({device.device_kind}, {jax.device_count()} device(s)), {_DTYPE.value}, "
         f"median of {_REPEATS.value} runs")
   header = (f"{'width':>6s} {'tokens':>7s} {'path':>20s} {'moe_ms':>9s} {'dense_ms':>9s} "
             f"{'ratio':>6s}  notes")
@@ -147,7 +148,8 @@ def main(argv):
         raise app.UsageError(f"--tokens={tokens} is not a multiple of {SEQ}.")
       base = _config(width, "dropless")
       d = base.hidden_size
-      x = jax.random.normal(jax.random.PRNGKey(0), (tokens // SEQ, SEQ, d), jnp.float32)
+      x = jax.random.normal(jax.random.PRNGKey(0), (tokens // SEQ, SEQ, d),
+                            jnp.float32).astype(_DTYPE.value)
       mask = jnp.ones(x.shape[:2], bool)
       dense_cfg = base.replace(moe_every_n_layers=0, mlp_dim=base.mlp_dim * base.top_k)
       dense = _measure(layers.Mlp(dense_cfg), x, mask, f"dense D={d} T={tokens}")

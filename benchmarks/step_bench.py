@@ -1,0 +1,177 @@
+"""Shared by the train-step benchmarks: the MoE and its dense counterparts, batches, FLOPs,
+the compiled step as the trainer builds it, and the measured matmul peak.
+
+Used by benchmarks/train_step.py, memory.py, profile_step.py and accelerator_check.py
+(each puts this folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_embed import partitioning
+from moe_embed.model import config as model_config
+from moe_embed.model import param_count
+from moe_embed.model.encoder import EmbeddingModel, init_params
+from moe_embed.model.upcycle import upcycle
+from moe_embed.train import optimizer as optimizer_lib
+from moe_embed.train import state as state_lib
+from moe_embed.train import step as step_lib
+
+MODELS = ("moe", "dense_active", "dense_total")
+
+
+
+def model_configs(preset: str, dtype: str = "float32", num_experts: int = 8, top_k: int = 2,
+                  every: int = 2, **overrides: Any) -> dict[str, model_config.EncoderConfig]:
+  """{'moe', 'dense_active', 'dense_total'}: the MoE and its two dense counterparts."""
+  dense = model_config.preset(preset, moe_every_n_layers=0, dtype=dtype, **overrides)
+  moe = dense.replace(moe_every_n_layers=every, num_experts=num_experts, top_k=top_k)
+  n_moe, n = len(moe.moe_layers), moe.num_layers
+
+  def width(per_moe_layer):
+    total = dense.mlp_dim * ((n - n_moe) + per_moe_layer * n_moe)
+    if total % n:
+      raise ValueError(f"No integer dense MLP width matches {per_moe_layer} experts per "
+                       f"MoE layer for preset {preset!r}.")
+    return total // n
+
+  return {"moe": moe, "dense_active": dense.replace(mlp_dim=width(top_k)),
+          "dense_total": dense.replace(mlp_dim=width(num_experts))}
+
+
+def model_params(name: str, configs: dict, seed: int = 0):
+  """Unboxed parameters; the MoE is upcycled from its dense preset, as the paper built it."""
+  config = configs[name]
+  if name != "moe":
+    return nn.meta.unbox(init_params(config, jax.random.PRNGKey(seed)))
+  dense = config.replace(moe_every_n_layers=0)
+  dense_params = jax.device_get(nn.meta.unbox(init_params(dense, jax.random.PRNGKey(seed))))
+  params, _ = upcycle(dense_params, dense, num_experts=config.num_experts,
+                      top_k=config.top_k, moe_every_n_layers=config.moe_every_n_layers)
+  return params
+
+
+def param_counts(config: model_config.EncoderConfig) -> tuple[int, int]:
+  """(total, active per token) parameters."""
+  boxed = param_count.abstract_params(config)
+  return param_count.count_params(boxed), param_count.count_active_params(boxed, config)
+
+
+def make_batch(config: model_config.EncoderConfig, batch: int, seq: int, negatives: int = 0,
+               seed: int = 0) -> dict[str, np.ndarray]:
+  """Random ids, every token real (so model FLOPs are exact)."""
+  rng = np.random.default_rng(seed)
+  ids = lambda *shape: rng.integers(4, config.vocab_size, size=shape).astype(np.int32)
+  out = {"query_ids": ids(batch, seq), "doc_ids": ids(batch, seq)}
+  if negatives:
+    out["neg_ids"] = ids(batch, negatives, seq)
+  for key in list(out):
+    out[key.replace("_ids", "_mask")] = np.ones(out[key].shape, np.int32)
+  return out
+
+
+def forward_flops_per_sequence(config: model_config.EncoderConfig, seq: int) -> float:
+  """Matmul FLOPs of one forward pass over one sequence of `seq` real tokens."""
+  d, f = config.hidden_size, config.mlp_dim
+  per_token = 0.0
+  for i in range(config.num_layers):
+    per_token += 2 * 4 * d * d  # Q, K, V and output projections.
+    per_token += 2 * 2 * seq * d  # Scores q.k and the weighted sum of values.
+    mats = 3 if config.mlp_activation == "swiglu" else 2
+    if config.is_moe_layer(i):
+      per_token += 2 * mats * d * f * config.top_k + 2 * d * config.num_experts
+    else:
+      per_token += 2 * mats * d * f
+  if config.projection_dim:
+    per_token += 0  # Applied once per sequence, below.
+  return per_token * seq + 2 * d * config.projection_dim
+
+
+def step_model_flops(config: model_config.EncoderConfig, batch: int, seq: int,
+                     negatives: int = 0) -> float:
+  """Model FLOPs of one train step: 3 x the forward matmuls, plus the loss logits."""
+  sequences = batch * (2 + negatives)
+  forward = sequences * forward_flops_per_sequence(config, seq)
+  logits = 2 * batch * batch * (1 + negatives) * config.embedding_dim
+  return 3.0 * (forward + logits)
+
+
+def step_tokens(batch: dict) -> int:
+  return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("_mask")))
+
+
+def build_step(config: model_config.EncoderConfig, params, batch: dict, chunk: int,
+               mesh=None, rules=partitioning.DEFAULT_RULES, total_steps: int = 1000):
+  """(compiled step, state, sharded batch, compile seconds) as the trainer builds them."""
+  mesh = mesh or partitioning.make_mesh(-1, 1)
+  model = EmbeddingModel(config)
+  optimizer, schedule = optimizer_lib.make_optimizer(
+      optimizer_lib.OptimizerConfig(learning_rate=1e-5, warmup_steps=10), total_steps)
+  state, _, state_shardings = state_lib.create_state(model, optimizer, mesh, rules, 0,
+                                                     model_params=params)
+  with partitioning.activate(mesh, rules):
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+    constrain = lambda tree: jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+    step_fn = step_lib.make_train_step(model, optimizer, step_lib.LossConfig(), schedule,
+                                       chunk, partitioning.batch_shards(mesh, rules), constrain)
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, None), donate_argnums=(0,))
+    data = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+    start = time.perf_counter()
+    compiled = jitted.lower(state, data).compile()
+    compile_s = time.perf_counter() - start
+  return compiled, state, data, compile_s
+
+
+def memory_gb(compiled) -> float:
+  """Arguments + outputs + temporaries - aliased (donated) bytes, from XLA's analysis."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return float("nan")
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return total / 1e9
+
+
+class Runner:
+  """A compiled step that threads its donated state from call to call."""
+
+  def __init__(self, compiled, state, data):
+    self.compiled, self.state, self.data = compiled, state, data
+
+  def __call__(self) -> float:
+    start = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.data)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - start
+
+
+def peak_runner(n: int, dtype: str):
+  """A callable timing one [n, n] @ [n, n] matmul; returns (seconds, flops)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  fn = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  jax.block_until_ready(fn(a, b))
+
+  def run() -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(a, b))
+    return time.perf_counter() - start
+
+  return run, 2.0 * n ** 3
+
+
+def measure_peak(runners, calls: int = 3) -> float:
+  """Best GFLOP/s over the sizes, each the best of `calls` calls (a peak, not a median)."""
+  best = 0.0
+  for run, flops in runners:
+    best = max(best, flops / min(run() for _ in range(calls)) / 1e9)
+  return best
