@@ -153,3 +153,14 @@ def test_native_folder_round_trip(tmp_path):
   assert loaded_config == config and meta["max_length"] == 77 and meta["query_prefix"] == "q: "
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_nomic_token_limit_is_its_context_not_512():
+  """A rotary nomic-bert model encodes up to n_positions tokens (8192 for v1)."""
+  config = model_config.preset("tiny")
+  hf = {**hf_export.nomic_config_json(config), "n_positions": 8192}
+  loaded = hf_import.config_from_hf(hf)
+  assert loaded.max_position_embeddings == 8192
+  assert loaded.replace(max_position_embeddings=512) == config
+  from moe_embed.io import model_folder
+  assert model_folder.token_limit(loaded) == 8192

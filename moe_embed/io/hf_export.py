@@ -75,7 +75,7 @@ def nomic_config_json(config: EncoderConfig) -> dict:
   max_trained_positions and position_offset), per-expert w1 biases and a
   projection head; written only when the model has them.
   """
-  extra = {}
+  extra = {"n_positions": config.max_position_embeddings}
   if config.position_embedding == "learned":
     extra = {"rotary_emb_fraction": 0.0, "max_trained_positions": config.max_position_embeddings,
              "position_offset": config.position_offset}

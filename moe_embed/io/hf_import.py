@@ -109,7 +109,11 @@ def config_from_hf(hf: dict) -> EncoderConfig:
     moe_every = int(hf.get("moe_every_n_layers", 0) or 0)
     fraction = float(hf.get("rotary_emb_fraction", 1.0))
     # rotary_emb_fraction <= 0: a learned position table (exported BERT / XLM-R models).
-    positions = (dict(position_embedding="rotary", rotary_fraction=fraction) if fraction > 0 else
+    # A rotary model has no table; n_positions is the context it was built for
+    # (8192 for nomic-embed-text-v1), its token limit when encoding.
+    positions = (dict(position_embedding="rotary", rotary_fraction=fraction,
+                      max_position_embeddings=int(hf.get("n_positions") or 2048))
+                 if fraction > 0 else
                  dict(position_embedding="learned",
                       max_position_embeddings=int(hf["max_trained_positions"]),
                       position_offset=int(hf.get("position_offset", 0))))
@@ -292,8 +296,8 @@ def load_hf_folder(folder: str) -> tuple[dict, EncoderConfig, dict[str, Any]]:
   if os.path.exists(st_config):
     with open(st_config) as f:
       meta["max_length"] = int(json.load(f).get("max_seq_length", 512))
-  else:
-    meta["max_length"] = min(512, config.max_position_embeddings - config.position_offset)
+  else:  # The position table's size, or a rotary model's n_positions.
+    meta["max_length"] = config.max_position_embeddings - config.position_offset
   if hf["model_type"] == "nomic_bert":
     meta["query_prefix"], meta["doc_prefix"] = "search_query: ", "search_document: "
   prompts_path = os.path.join(folder, "config_sentence_transformers.json")
