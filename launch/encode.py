@@ -61,7 +61,7 @@ def main(argv):
   bad = ~np.isfinite(vectors).all(axis=1)
   if bad.any():
     raise cli.UserError(
-        f"{int(bad.sum())} of {len(texts)} embeddings are not finite (first: line "
+        f"{int(bad.sum())} of {len(texts)} embeddings hold NaN or Inf (first: line "
         f"{int(np.argmax(bad)) + 1}); the model's parameters are damaged or diverged. "
         f"Nothing was written to {_OUTPUT.value}.")
   with cli.atomic_path(_OUTPUT.value) as tmp, open(tmp, "wb") as f:

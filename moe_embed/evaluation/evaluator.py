@@ -40,10 +40,6 @@ def normalize(x: np.ndarray, dim: Optional[int] = None) -> np.ndarray:
   x = np.asarray(x, np.float32)
   if x.ndim != 2:
     raise ValueError(f"The encoder returned shape {x.shape}; expected [num_texts, dim].")
-  finite = np.isfinite(x).all(axis=1)
-  if not finite.all():
-    raise ValueError(f"{int((~finite).sum())} of {len(x)} embeddings are not finite; the "
-                     "model's parameters are damaged or diverged, so no score is reported.")
   if dim is not None:
     if not 0 < dim <= x.shape[1]:
       raise ValueError(f"dim={dim} must be between 1 and the embedding width {x.shape[1]}.")
