@@ -85,43 +85,40 @@ def main(argv):
   from moe_embed import evaluation
   from moe_embed import inference
   from moe_embed.evaluation import beir
-  try:
-    if _OUTPUT.value:
-      _check_output(_OUTPUT.value)
-    dims = _dims()
-    # Folders and task names first: bad input fails in seconds, before a model is loaded.
-    datasets = [beir.load_beir(folder, _SPLIT.value, name=name)
-                for name, folder in beir.expand_folders(_BEIR.value)]
-    mteb_tasks = []
-    if _MTEB_TASKS.value:
-      from moe_embed.evaluation import mteb as mteb_eval
-      mteb_tasks = mteb_eval.get_tasks(_MTEB_TASKS.value)
-    embedder = inference.load_embedder(_MODEL.value, max_length=_MAX_LENGTH.value)
-    width = embedder.config.embedding_dim
-    bad = [d for d in dims + ([_DIM.value] if _DIM.value is not None else [])
-           if not 0 < d <= width]
-    if bad:
-      raise ValueError(f"Matryoshka widths {bad} must be between 1 and the embedding width "
-                       f"{width}.")
-    if _ROUTING.value and not embedder.config.moe_layers:
-      raise ValueError("--routing needs a mixture-of-experts model; this one is dense.")
-    logging.info("Prefixes: query %r, document %r.",
-                 embedder.query_prefix if _QUERY_PREFIX.value is None else _QUERY_PREFIX.value,
-                 embedder.doc_prefix if _DOC_PREFIX.value is None else _DOC_PREFIX.value)
-    results = {}
-    if datasets:
-      results = evaluation.evaluate_beir(
-          embedder, datasets, dim=_DIM.value, dims=dims, batch_size=_BATCH_SIZE.value,
-          query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value, split=_SPLIT.value,
-          show_progress=True, routing=_ROUTING.value, chunk_size=_CHUNK_SIZE.value)
-    if mteb_tasks:
-      encoder = mteb_eval.MtebEncoder(
-          embedder, dim=_DIM.value, batch_size=_BATCH_SIZE.value,
-          query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value,
-          name=os.path.basename(os.path.normpath(_MODEL.value)))
-      results["mteb"] = mteb_eval.run_tasks(encoder, mteb_tasks, dims=dims)
-  except beir.BeirFormatError as e:
-    raise cli.UserError(str(e)) from None
+  if _OUTPUT.value:
+    _check_output(_OUTPUT.value)
+  dims = _dims()
+  # Folders and task names first: bad input fails in seconds, before a model is loaded.
+  datasets = [beir.load_beir(folder, _SPLIT.value, name=name)
+              for name, folder in beir.expand_folders(_BEIR.value)]
+  mteb_tasks = []
+  if _MTEB_TASKS.value:
+    from moe_embed.evaluation import mteb as mteb_eval
+    mteb_tasks = mteb_eval.get_tasks(_MTEB_TASKS.value)
+  embedder = inference.load_embedder(_MODEL.value, max_length=_MAX_LENGTH.value)
+  width = embedder.config.embedding_dim
+  bad = [d for d in dims + ([_DIM.value] if _DIM.value is not None else [])
+         if not 0 < d <= width]
+  if bad:
+    raise ValueError(f"Matryoshka widths {bad} must be between 1 and the embedding width "
+                     f"{width}.")
+  if _ROUTING.value and not embedder.config.moe_layers:
+    raise ValueError("--routing needs a mixture-of-experts model; this one is dense.")
+  logging.info("Prefixes: query %r, document %r.",
+               embedder.query_prefix if _QUERY_PREFIX.value is None else _QUERY_PREFIX.value,
+               embedder.doc_prefix if _DOC_PREFIX.value is None else _DOC_PREFIX.value)
+  results = {}
+  if datasets:
+    results = evaluation.evaluate_beir(
+        embedder, datasets, dim=_DIM.value, dims=dims, batch_size=_BATCH_SIZE.value,
+        query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value, split=_SPLIT.value,
+        show_progress=True, routing=_ROUTING.value, chunk_size=_CHUNK_SIZE.value)
+  if mteb_tasks:
+    encoder = mteb_eval.MtebEncoder(
+        embedder, dim=_DIM.value, batch_size=_BATCH_SIZE.value,
+        query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value,
+        name=os.path.basename(os.path.normpath(_MODEL.value)))
+    results["mteb"] = mteb_eval.run_tasks(encoder, mteb_tasks, dims=dims)
   beir_results = {k: v for k, v in results.items() if k != "mteb"}
   if beir_results:
     print(evaluation.format_table(beir_results))

@@ -121,17 +121,6 @@ def check_saves(manager: ocp.CheckpointManager) -> None:
                           f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
 
 
-def latest_step(workdir: str) -> Optional[int]:
-  """The newest saved step in a workdir, or None."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
-  manager = ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  return step
-
-
 def latest_params(workdir: str) -> tuple[Any, int]:
   """(encoder params as numpy arrays, step) from a workdir's newest checkpoint.
 

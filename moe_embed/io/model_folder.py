@@ -38,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model
                    "spiece.model")
 
 
-def _tokenizer_file(path: str) -> str:
+def tokenizer_file(path: str) -> str:
   """A tokenizer file, given the file or a folder that holds one."""
   if os.path.isdir(path):
     for name in TOKENIZER_FILES:
@@ -88,7 +88,7 @@ def write_meta(folder: str, config: EncoderConfig, *, tokenizer: str, query_pref
   train_max_length: the truncation used in training, recorded for reference.
   """
   os.makedirs(folder, exist_ok=True)
-  source = _tokenizer_file(tokenizer)
+  source = tokenizer_file(tokenizer)
   name = os.path.basename(source)
   target = os.path.join(folder, name)
   if os.path.abspath(target) != os.path.abspath(source):

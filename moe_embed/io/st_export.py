@@ -183,7 +183,7 @@ def _write_folder(local, params, config, dims, query_prefix, doc_prefix, max_len
       config, matryoshka_dims=dims, query_prefix=query_prefix, doc_prefix=doc_prefix))
   shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE),
               os.path.join(local, MODELING_FILE))
-  tokenizer = model_folder._tokenizer_file(meta["tokenizer"])
+  tokenizer = model_folder.tokenizer_file(meta["tokenizer"])
   write_tokenizer(tokenizer, local, max_length)
   write_sentence_transformers_modules(local, config, max_length=max_length,
                                       query_prefix=query_prefix, doc_prefix=doc_prefix)
