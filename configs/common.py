@@ -69,11 +69,21 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.data = ""
 
   c.input = ml_collections.ConfigDict()
-  c.input.max_query_len = 128  # Query tokens, including special tokens.
-  c.input.max_doc_len = 128  # Document tokens, including special tokens.
+  # Query / document tokens, including special tokens: the width of every batch.
+  c.input.max_query_len = 128
+  c.input.max_doc_len = 128
   c.input.num_negatives = 0  # Hard negatives per query (from the dataset).
-  c.input.query_prefix = "search_query: "  # Prepended to every query.
-  c.input.doc_prefix = "search_document: "  # Prepended to every document.
+  # Prepended to every query / document of a source that sets no prefix of its own.
+  c.input.query_prefix = "search_query: "
+  c.input.doc_prefix = "search_document: "
+  # Per-source prompts and lengths: source name -> any of query_prefix, doc_prefix,
+  # max_query_len, max_doc_len, e.g. {"reviews": {"query_prefix": "classification: ",
+  # "doc_prefix": "classification: "}}. Wins over the dataset's own per-source values
+  # (prepare_data.py --source_prefixes), which win over the global fields above.
+  # Lengths truncate that source's texts and may not exceed the global ones (batches
+  # are padded to the global width, so shapes never change). None = none. Set it in a
+  # config file: like source_weights, a dict cannot be given on the command line.
+  c.input.source_prefixes = ml_collections.config_dict.placeholder(dict)
   # Source name -> sampling weight; None = proportional to source size.
   c.input.source_weights = ml_collections.config_dict.placeholder(dict)
   # False: data without any hard negatives trains with in-batch negatives only

@@ -13,6 +13,17 @@ A batch (numpy, per process; b = B / P):
   neg_mask bool [b, N, Ld]. With N > 0 only examples that have negatives are
   used; an example with fewer than N repeats its list (hardest first).
 
+Prompts and lengths are per source (the reference pretrains with
+`search_query: ` / `search_document: ` next to `classification: ` and
+`clustering: ` sources): each of query_prefix, doc_prefix, max_query_len and
+max_doc_len comes from `input.source_prefixes[source]`, else from the
+dataset's `dataset_info.json` (`info["sources"][source]`), else from the global
+`input` field. Lq and Ld are always the global input.max_query_len and
+input.max_doc_len: a source's texts are truncated at its own length and padded
+to the global one, so every batch has the same shape and the step compiles
+once. A source length above the global one is an error in the config and is
+capped (with a warning) when it comes from the dataset.
+
 Texts are tokenised here rather than stored as ids: on the stdlib data at batch
 256, length 128, reading takes 10-15 ms and tokenising 7-11 ms per batch on a
 shared 2-core CPU (benchmarks/data_loader.py), about 50 batches/s in all, far
@@ -25,14 +36,39 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import os
 import queue
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
 from moe_embed.data import dataset
+
+# The per-source settings: keys of input.source_prefixes[source] and of
+# dataset_info.json's info["sources"][source].
+SOURCE_FIELDS = ("query_prefix", "doc_prefix", "max_query_len", "max_doc_len")
+MIN_LEN = 3  # <s>, one token, </s>.
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInputs:
+  """The prompts and token limits of one source's batches."""
+
+  query_prefix: str
+  doc_prefix: str
+  max_query_len: int
+  max_doc_len: int
+
+
+def _check_value(field: str, value: Any, where: str) -> None:
+  """One per-source value: a string prefix or an integer length of at least MIN_LEN."""
+  if field.endswith("_prefix"):
+    if not isinstance(value, str):
+      raise ValueError(f"{where}.{field} must be a string, got {type(value).__name__}.")
+  elif isinstance(value, bool) or not isinstance(value, int) or value < MIN_LEN:
+    raise ValueError(f"{where}.{field}={value!r} must be an integer >= {MIN_LEN}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +84,56 @@ class InputConfig:
   # False: data without any hard negatives trains with in-batch negatives only
   # (logged) instead of failing.
   negatives_required: bool = True
+  # Source name -> any of {query_prefix, doc_prefix, max_query_len, max_doc_len}:
+  # wins over the dataset's per-source values and the global fields above.
+  source_prefixes: Optional[Mapping[str, Mapping[str, Any]]] = None
+
+  def __post_init__(self):
+    for source, fields in (self.source_prefixes or {}).items():
+      where = f"input.source_prefixes[{source!r}]"
+      if not isinstance(fields, Mapping):
+        raise ValueError(f"{where} must map some of {list(SOURCE_FIELDS)} to values, got "
+                         f"{type(fields).__name__}.")
+      unknown = sorted(set(fields) - set(SOURCE_FIELDS))
+      if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; known: {list(SOURCE_FIELDS)}.")
+      for field, value in fields.items():
+        _check_value(field, value, where)
+        if field.startswith("max_") and value > getattr(self, field):
+          raise ValueError(f"{where}.{field}={value} exceeds input.{field}="
+                           f"{getattr(self, field)}, the padded batch width; raise "
+                           f"input.{field} or lower the source's.")
+
+  def check_sources(self, sources: Sequence[str], where: str) -> None:
+    """Every source named in source_prefixes exists in `sources` (the dataset's)."""
+    unknown = sorted(set(self.source_prefixes or {}) - set(sources))
+    if unknown:
+      raise ValueError(f"input.source_prefixes names unknown sources {unknown}; {where} has "
+                       f"{sorted(sources)}.")
+
+  def resolve(self, info_sources: Mapping[str, Mapping[str, Any]], where: str
+              ) -> dict[str, SourceInputs]:
+    """Source -> its SourceInputs: config override > dataset metadata > global field.
+
+    `info_sources` is dataset_info.json's info["sources"]; `where` names it in errors.
+    """
+    self.check_sources(list(info_sources), where)
+    out = {}
+    for source, entry in info_sources.items():
+      values = {f: getattr(self, f) for f in SOURCE_FIELDS}
+      for field in SOURCE_FIELDS:
+        if entry.get(field) is None:
+          continue
+        value = entry[field]
+        _check_value(field, value, f"{where} sources[{source!r}]")
+        if field.startswith("max_") and value > values[field]:
+          logging.warning("%s gives source %r %s=%d; capped at input.%s=%d, the padded batch "
+                          "width.", where, source, field, value, field, values[field])
+          value = values[field]
+        values[field] = value
+      values.update((self.source_prefixes or {}).get(source, {}))
+      out[source] = SourceInputs(**values)
+    return out
 
   @classmethod
   def from_mapping(cls, fields: Mapping[str, Any]) -> "InputConfig":
@@ -90,7 +176,9 @@ class TrainIterator:
     self.process_index = process_index
     self.max_query_len, self.max_doc_len = inputs.max_query_len, inputs.max_doc_len
     self.num_negatives = num_negatives
-    self.query_prefix, self.doc_prefix = inputs.query_prefix, inputs.doc_prefix
+    self.global_inputs = SourceInputs(inputs.query_prefix, inputs.doc_prefix,
+                                      inputs.max_query_len, inputs.max_doc_len)
+    self.source_inputs = inputs.resolve(info["sources"], os.path.join(data_dir, dataset.INFO))
     self.seed = seed
     self.readers, self.eligible = {}, {}
     for name, reader in readers.items():
@@ -163,7 +251,7 @@ class TrainIterator:
   def batch_at(self, state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     """(this process's batch for `state`, the state after it)."""
     source, records = self.records_at(state)
-    batch = self.tokenize(records)
+    batch = self.tokenize(records, source)
     cursors = dict(state["cursors"])
     cursors[source] += self.batch_size
     return batch, {"step": state["step"] + 1, "cursors": cursors}
@@ -175,10 +263,16 @@ class TrainIterator:
     positions = np.arange(start, start + self.local_batch)
     return source, self.readers[source].read(list(self._stream(source, positions)))
 
-  def tokenize(self, records: list[dict]) -> dict[str, np.ndarray]:
+  def tokenize(self, records: list[dict], source: Optional[str] = None
+               ) -> dict[str, np.ndarray]:
+    """Token arrays of `records` with `source`'s prompts and lengths (None: the global ones).
+
+    Texts are truncated at the source's max_*_len and padded to the global one.
+    """
     tok = self.tokenizer
-    q, _ = tok.encode([self.query_prefix + r["query"] for r in records], self.max_query_len)
-    d, _ = tok.encode([self.doc_prefix + r["document"] for r in records], self.max_doc_len)
+    s = self.source_inputs[source] if source is not None else self.global_inputs
+    q, _ = tok.encode([s.query_prefix + r["query"] for r in records], s.max_query_len)
+    d, _ = tok.encode([s.doc_prefix + r["document"] for r in records], s.max_doc_len)
     batch = {}
     batch["query_ids"], batch["query_mask"] = tok.pad(q, self.max_query_len)
     batch["doc_ids"], batch["doc_mask"] = tok.pad(d, self.max_doc_len)
@@ -186,8 +280,8 @@ class TrainIterator:
       texts = []
       for r in records:
         negs = r["negatives"]
-        texts += [self.doc_prefix + negs[i % len(negs)] for i in range(self.num_negatives)]
-      n, _ = tok.encode(texts, self.max_doc_len)
+        texts += [s.doc_prefix + negs[i % len(negs)] for i in range(self.num_negatives)]
+      n, _ = tok.encode(texts, s.max_doc_len)
       ids, mask = tok.pad(n, self.max_doc_len)
       shape = (len(records), self.num_negatives, self.max_doc_len)
       batch["neg_ids"], batch["neg_mask"] = ids.reshape(shape), mask.reshape(shape)

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -28,7 +29,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "batch_size"):
     if int(config[name]) <= 0:
       raise ConfigError(f"{name}={config[name]} must be positive.")
-  if config.data and not os.path.exists(config.data):
+  if config.data and not epath.Path(config.data).exists():
     raise ConfigError(f"config.data={config.data!r} does not exist; build it with "
                       "launch/prepare_data.py or leave it empty for the embedded corpus.")
   if config.loss.temperature <= 0:
@@ -42,7 +43,7 @@ def resolve_encoder(config: ml_collections.ConfigDict
   overrides = dict(config.encoder)
   if model in model_config.PRESETS:
     return model_config.EncoderConfig.from_dict(overrides), None, {}
-  if not os.path.exists(model):
+  if not epath.Path(model).exists():
     raise ConfigError(
         f"config.model={model!r} is neither a preset {sorted(model_config.PRESETS)} nor an "
         "existing model folder.")
@@ -87,10 +88,21 @@ def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
 
 
 def input_config(config: ml_collections.ConfigDict) -> InputConfig:
-  """`config.input` as the data pipeline's InputConfig."""
+  """`config.input` as the data pipeline's InputConfig.
+
+  `input.source_prefixes` (source -> any of query_prefix, doc_prefix,
+  max_query_len, max_doc_len) wins over the dataset's per-source values, which
+  win over the global input fields; its keys and lengths are checked here, and
+  with `config.data` set its source names against the dataset's.
+  """
   try:
-    return InputConfig.from_mapping(config.input.to_dict())
-  except KeyError as e:
+    inputs = InputConfig.from_mapping(config.input.to_dict())
+    if config.data and inputs.source_prefixes:
+      from moe_embed.data import dataset  # Reads only dataset_info.json.
+      info_path = os.path.join(config.data, dataset.INFO)
+      inputs.check_sources(list(dataset.read_info(config.data)["sources"]), info_path)
+    return inputs
+  except (KeyError, ValueError) as e:
     raise ConfigError(str(e).strip("'\"")) from None
 
 
