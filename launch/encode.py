@@ -29,10 +29,11 @@ flags.mark_flags_as_required(["model", "input", "output"])
 
 def _read_lines(path: str) -> list[str]:
   """The file's lines; a line that is not UTF-8 is an error naming it."""
-  if not os.path.exists(path):
+  from etils import epath
+  if not epath.Path(path).is_file():
     raise cli.UserError(f"input file {path} does not exist.")
   texts = []
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for lineno, raw in enumerate(f, 1):
       try:
         texts.append(raw.decode("utf-8").rstrip("\r\n"))

@@ -7,14 +7,31 @@
 #   bash launch/tpu_pod.sh --config=configs/finetune.py:model=gs://my-bucket/upcycled \
 #       --config.mesh.expert=8 --config.batch_size=4096
 #
+#   bash launch/tpu_pod.sh --dry_run ...   # print every gcloud command, in order; run none
+#
 # Every worker runs the same command; jax.distributed.initialize() finds the
 # other workers from the TPU metadata (--distributed). The workdir must be on
-# GCS so all workers (and a resumed run) see the same checkpoints.
+# GCS: a TPU VM's disk goes with the VM, and every worker (and a resumed run)
+# must see the same checkpoints. Data, models and tokenizers may be gs:// too.
 set -euo pipefail
+
+DRY_RUN=0
+TRAIN_FLAGS=()
+for arg in "$@"; do
+  if [[ "${arg}" == "--dry_run" || "${arg}" == "--dry_run=true" ]]; then
+    DRY_RUN=1
+  else
+    TRAIN_FLAGS+=("${arg}")
+  fi
+done
 
 : "${TPU_NAME:?set TPU_NAME, the TPU VM slice name}"
 : "${ZONE:?set ZONE, e.g. us-east5-a}"
 : "${WORKDIR:?set WORKDIR, a gs:// path shared by all workers}"
+if [[ "${WORKDIR}" != gs://?* ]]; then
+  echo "tpu_pod.sh: WORKDIR=${WORKDIR} is not a gs:// path; a TPU VM's disk is lost with the VM and not shared by its workers, so use WORKDIR=gs://BUCKET/RUN." >&2
+  exit 1
+fi
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v5p-8}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-v2-alpha-tpuv5}"
 PROJECT_FLAG=()
@@ -23,19 +40,39 @@ if [[ -n "${PROJECT:-}" ]]; then
 fi
 REPO_URL="${REPO_URL:-$(git config --get remote.origin.url || true)}"
 BRANCH="${BRANCH:-main}"
+if [[ -z "${REPO_URL}" ]]; then
+  echo "tpu_pod.sh: set REPO_URL, the git URL the workers clone moe-embed from (this checkout has no origin remote)." >&2
+  exit 1
+fi
 
-if ! gcloud compute tpus tpu-vm describe "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}" \
-    >/dev/null 2>&1; then
+# Runs a gcloud command, or with --dry_run prints it (shell-quoted) instead.
+gcloud_run() {
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    printf 'gcloud'
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    gcloud "$@"
+  fi
+}
+
+DESCRIBE=(compute tpus tpu-vm describe "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}")
+CREATE=(compute tpus tpu-vm create "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}"
+        --accelerator-type="${ACCELERATOR_TYPE}" --version="${RUNTIME_VERSION}")
+if [[ "${DRY_RUN}" == 1 ]]; then
+  gcloud_run "${DESCRIBE[@]}"
+  echo "# if the slice does not exist:"
+  gcloud_run "${CREATE[@]}"
+elif ! gcloud "${DESCRIBE[@]}" >/dev/null 2>&1; then
   echo "Creating TPU slice ${TPU_NAME} (${ACCELERATOR_TYPE}) in ${ZONE}."
-  gcloud compute tpus tpu-vm create "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}" \
-      --accelerator-type="${ACCELERATOR_TYPE}" --version="${RUNTIME_VERSION}"
+  gcloud_run "${CREATE[@]}"
 else
   echo "Reusing TPU slice ${TPU_NAME}."
 fi
 
 # Quote the training flags once so they survive the remote shell.
 TRAIN_ARGS=""
-for arg in "$@"; do
+for arg in "${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}"; do
   TRAIN_ARGS+=" $(printf '%q' "${arg}")"
 done
 
@@ -46,7 +83,7 @@ cd moe-embed && git fetch -q origin ${BRANCH} && git checkout -q origin/${BRANCH
 pip install -q -e . 'jax[tpu]'
 # Exit 143: SIGTERM (a maintenance event) arrived and a checkpoint was saved;
 # run again to resume from it. Any other failure stops the job.
-until python3 launch/train.py --distributed --workdir=${WORKDIR} ${TRAIN_ARGS}; do
+until python3 launch/train.py --distributed --workdir=$(printf '%q' "${WORKDIR}")${TRAIN_ARGS}; do
   rc=\$?
   if [[ \$rc -ne 143 ]]; then exit \$rc; fi
   echo "Preempted after a checkpoint; resuming."
@@ -54,5 +91,5 @@ done
 REMOTE
 )
 
-gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}" \
+gcloud_run compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}" \
     --worker=all --command="${REMOTE_SCRIPT}"

@@ -8,9 +8,14 @@ Rerunning the same command on the same workdir resumes from its latest checkpoin
 On a TPU pod slice or a multi-process GPU job, pass --distributed (or set
 MOE_EMBED_DISTRIBUTED=1) to call jax.distributed.initialize() first.
 
+Every path (--workdir, config.data, config.model, config.tokenizer, eval.beir)
+may be a gs://bucket/... URI; with STORAGE_EMULATOR_HOST set, all of them go to
+that GCS emulator instead (see the README's pod section).
+
 Exit codes: 0 done; 1 a bad config, diverged training or unreadable checkpoints
-(one line on stderr says what to change); 143 stopped by SIGTERM after saving a
-checkpoint: rerun the same command to resume (launch/slurm_gpu.sh requeues).
+(one line on stderr says what to change); 143 stopped by SIGTERM or at
+--stop_at_step after saving a checkpoint: rerun the same command to resume
+(launch/slurm_gpu.sh requeues, launch/tpu_pod.sh reruns).
 """
 
 import os
@@ -32,6 +37,9 @@ _WORKDIR = flags.DEFINE_string(
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", os.environ.get("MOE_EMBED_DISTRIBUTED", "") == "1",
     "Call jax.distributed.initialize() (TPU pods, SLURM, multi-process GPU).")
+_STOP_AT_STEP = flags.DEFINE_integer(
+    "stop_at_step", None, "Save and stop after this step, as a preemption would (exit 143); "
+    "the schedule still runs to config.total_steps when the command is rerun.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,7 +63,8 @@ def main(argv):
   from moe_embed.io import checkpoints
   from moe_embed.train import trainer
   try:
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                        stop_at_step=_STOP_AT_STEP.value)
   except trainer.ConfigError as e:
     print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)

@@ -34,6 +34,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from moe_embed.io import model_folder
   from moe_embed.model import upcycle
+  cli.check_output_folder(_OUT.value)
   params, config, meta = model_folder.load_any(_MODEL.value)
   moe_params, moe_config = upcycle.upcycle(
       params, config, num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value,

@@ -10,4 +10,11 @@ leaves `partitioning` and `tokenizers`; tests/test_layout.py checks this):
   data        datasets, the batch iterator, the embedded corpus, mining
   inference   Embedder: texts -> embeddings
   train       losses, optimizer, train step and the training job
+
+Leaves any of them may import: `storage` (gs:// and the storage emulator; every
+path may be a gs:// URI), `partitioning`, `tokenizers` and `cli`.
 """
+
+from moe_embed import storage as _storage
+
+_storage.use_emulator()  # Before any storage client reads its settings.

@@ -18,6 +18,9 @@ from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
+from etils import epath
+
+from moe_embed import storage
 
 # Exit code of a run stopped by SIGTERM after saving a checkpoint: 128 + SIGTERM,
 # what a shell reports for a process ended by that signal. Schedulers treat it as
@@ -100,7 +103,16 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def check_output_file(path: str) -> None:
-  """Makes the parent folder of `path` and checks it can be written, before any work."""
+  """Makes the parent folder of `path` and checks it can be written, before any work.
+
+  A gs:// output is checked for its bucket (a missing one fails here, not after
+  the work); object stores have no folders to make or permissions to test.
+  """
+  if storage.is_remote(path):
+    _check_bucket(path)
+    if epath.Path(path).is_dir():
+      raise UserError(f"Output {path} is a folder; give a file path.")
+    return
   parent = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise UserError(f"Output {path} is a folder; give a file path.")
@@ -112,15 +124,43 @@ def check_output_file(path: str) -> None:
     raise UserError(f"Cannot write to {parent}: permission denied; choose another output.")
 
 
+def check_output_folder(path: str) -> None:
+  """Checks a folder output can be written before any work: its bucket, or its local parent."""
+  if storage.is_remote(path):
+    _check_bucket(path)
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"Cannot create the folder {parent}: {e.strerror}.") from None
+
+
+def _check_bucket(path: str) -> None:
+  try:
+    storage.check_bucket(path)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`; renamed onto it only if the block succeeds."""
-  parent = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  """Yields a local temporary path; moved onto `path` only if the block succeeds.
+
+  Locally the file is written beside `path` and renamed; a gs:// object is
+  uploaded whole once written (an object appears at once or not at all).
+  """
+  remote = storage.is_remote(path)
+  parent = None if remote else os.path.dirname(os.path.abspath(path))
+  name = os.path.basename(path.rstrip("/"))
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
   os.close(fd)
   try:
     yield tmp
-    os.replace(tmp, path)
+    if remote:
+      epath.Path(tmp).copy(path, overwrite=True)
+    else:
+      os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+from etils import epath
 import numpy as np
 
 
@@ -59,7 +60,7 @@ class SentencePieceTokenizer(Tokenizer):
   def __init__(self, path: str, fairseq_ids: bool | None = None):
     import sentencepiece as spm
     self.path = path
-    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
     if fairseq_ids is None:
       # XLM-R's model has <unk>=0, <s>=1, </s>=2 and no pad piece.
       fairseq_ids = self.sp.pad_id() < 0 and self.sp.unk_id() == 0
@@ -91,7 +92,7 @@ class HFTokenizer(Tokenizer):
   def __init__(self, path: str):
     from tokenizers import Tokenizer as RustTokenizer
     self.path = path
-    self.tok = RustTokenizer.from_file(path)
+    self.tok = RustTokenizer.from_str(epath.Path(path).read_text())
     self.tok.no_truncation()
     self.tok.no_padding()
     vocab = self.tok.get_vocab(with_added_tokens=True)
@@ -112,13 +113,14 @@ class HFTokenizer(Tokenizer):
 
 def load_tokenizer(path: str) -> Tokenizer:
   """A .model file, a tokenizer.json, or a folder holding either."""
-  if os.path.isdir(path):
+  folder = epath.Path(path)
+  if folder.is_dir():
     for name in ("tokenizer.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model"):
-      if os.path.exists(os.path.join(path, name)):
-        return load_tokenizer(os.path.join(path, name))
+      if (folder / name).exists():
+        return load_tokenizer(os.fspath(folder / name))
     raise FileNotFoundError(
         f"No tokenizer in {path}: expected tokenizer.json or a SentencePiece .model file.")
-  if not os.path.exists(path):
+  if not folder.exists():
     raise FileNotFoundError(f"Tokenizer file {path} does not exist.")
   if path.endswith(".json"):
     return HFTokenizer(path)

@@ -1,6 +1,15 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -16,3 +25,70 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 CPU cores")
   config.addinivalue_line("markers", "torch: needs PyTorch and the reference packages")
   config.addinivalue_line("markers", "colab: executes the notebooks in colabs/ (the [colab] extra)")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """A GCS emulator on 127.0.0.1 (the `gcp-storage-emulator` package of the [test] extra).
+
+  Yields its endpoint, with STORAGE_EMULATOR_HOST set in this process (and so in
+  the subprocesses the tests start); stopped and the variable restored afterwards.
+  Buckets live in memory: a test makes its own with `make_bucket`.
+  """
+  pytest.importorskip("gcp_storage_emulator")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  # Its request log goes to a file: a pipe nobody reads would fill and stall it.
+  log = tempfile.TemporaryFile()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tests.gcs_emulator", "start", "--host=127.0.0.1",
+       f"--port={port}", "--in-memory"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      stdout=log, stderr=subprocess.STDOUT)
+  endpoint = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(endpoint + "/storage/v1/b", timeout=1).read()
+      break
+    except OSError:
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        log.seek(0)
+        raise RuntimeError("The GCS emulator did not start: "
+                           + log.read().decode(errors="replace")[-2000:])
+      time.sleep(0.2)
+  saved = {k: os.environ.get(k) for k in _EMULATOR_VARIABLES}
+  os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+  for name in _EMULATOR_VARIABLES[1:]:
+    os.environ.pop(name, None)
+  from moe_embed import storage
+  storage.use_emulator()
+  try:
+    yield endpoint
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    log.close()
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+_EMULATOR_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                       "CLOUD_STORAGE_EMULATOR_ENDPOINT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+  """Creates bucket `name` in the emulator; returns "gs://name"."""
+  request = urllib.request.Request(
+      endpoint + "/storage/v1/b", data=json.dumps({"name": name}).encode(),
+      headers={"Content-Type": "application/json"}, method="POST")
+  urllib.request.urlopen(request, timeout=10).read()
+  return f"gs://{name}"

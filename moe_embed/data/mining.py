@@ -53,12 +53,14 @@ that are neither, or empty, are skipped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
 import os
 from typing import Iterator, Optional, Sequence
 
+from etils import epath
 import numpy as np
 import tqdm
 
@@ -174,8 +176,8 @@ def mine(records: Sequence[dict], embedder, *, k: int, margin: Optional[float] =
 
 def _jsonl_rows(path: str, report: jsonl.ReadReport) -> Iterator[tuple[int, object]]:
   """(line number, parsed JSON) of a .jsonl or .jsonl.gz file; bad lines are counted."""
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  with epath.Path(path).open("rb") as stream, (
+      gzip.open(stream) if path.endswith(".gz") else contextlib.nullcontext(stream)) as f:
     for lineno, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8")
@@ -208,7 +210,7 @@ def read_corpus(inputs: str | Sequence[str], report: jsonl.ReadReport) -> list[s
   texts: list[str] = []
   for item in filter(None, items):
     folders = [f for _, f in beir.expand_folders([item]) if beir.is_beir_folder(f)] \
-        if os.path.isdir(item) else []
+        if epath.Path(item).is_dir() else []
     for folder in folders:
       corpus, _ = beir.read_corpus(os.path.join(folder, "corpus.jsonl"))
       texts += [t for t in corpus.values() if t]

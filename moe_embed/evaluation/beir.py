@@ -31,6 +31,7 @@ import os
 from typing import Iterator, Optional, Sequence
 
 from absl import logging
+from etils import epath
 
 
 @dataclasses.dataclass
@@ -51,9 +52,9 @@ class BeirFormatError(ValueError):
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"BEIR file {path} is missing.")
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -109,10 +110,10 @@ def read_queries(path: str) -> tuple[dict[str, str], int]:
 
 def read_qrels(path: str) -> tuple[list[tuple[int, str, str, int]], bool]:
   """([(line number, query id, doc id, grade)], whether a header line was skipped)."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"BEIR file {path} is missing.")
   rows, header = [], False
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
       if not line.strip():
@@ -139,7 +140,7 @@ def _is_int(s: str) -> bool:
 
 
 def is_beir_folder(folder: str) -> bool:
-  return os.path.isfile(os.path.join(folder, "corpus.jsonl"))
+  return epath.Path(os.path.join(folder, "corpus.jsonl")).is_file()
 
 
 def expand_folders(folders: Sequence[str]) -> list[tuple[str, str]]:
@@ -150,9 +151,8 @@ def expand_folders(folders: Sequence[str]) -> list[tuple[str, str]]:
   out = []
   for folder in folders:
     base = os.path.basename(os.path.normpath(folder))
-    if os.path.isdir(folder) and not is_beir_folder(folder):
-      subs = sorted(d for d in os.listdir(folder)
-                    if is_beir_folder(os.path.join(folder, d)))
+    if epath.Path(folder).is_dir() and not is_beir_folder(folder):
+      subs = sorted(d.name for d in epath.Path(folder).iterdir() if is_beir_folder(os.fspath(d)))
       if subs:
         out.extend((f"{base}/{d}", os.path.join(folder, d)) for d in subs)
         continue
@@ -165,13 +165,13 @@ def load_beir(folder: str, split: str = "test", name: Optional[str] = None) -> B
 
   `name` keys its results (default: the folder's base name).
   """
-  if not os.path.isdir(folder):
+  if not epath.Path(folder).is_dir():
     raise FileNotFoundError(f"BEIR folder {folder} does not exist.")
   name = name or os.path.basename(os.path.normpath(folder))
   qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
   for path in (os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "queries.jsonl"),
                qrels_path):
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(f"BEIR file {path} is missing.")
   corpus, repeated_docs = read_corpus(os.path.join(folder, "corpus.jsonl"))
   queries, repeated_queries = read_queries(os.path.join(folder, "queries.jsonl"))

@@ -20,8 +20,10 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from etils import epath
 import numpy as np
 
+from moe_embed import storage
 from moe_embed.evaluation.evaluator import normalize
 
 try:
@@ -88,7 +90,7 @@ class MtebEncoder(AbsEncoder):
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -101,14 +103,14 @@ def beir_task(folder: str, split: str = "test", name: Optional[str] = None) -> A
   queries = [{"id": str(r["_id"]), "text": r["text"]}
              for r in _read_jsonl(os.path.join(folder, "queries.jsonl"))]
   qrels: dict[str, dict[str, int]] = {}
-  with open(os.path.join(folder, "qrels", f"{split}.tsv"), encoding="utf-8") as f:
+  with (epath.Path(folder) / "qrels" / f"{split}.tsv").open("r", encoding="utf-8") as f:
     for line in f:
       parts = line.rstrip("\r\n").split("\t")
       if len(parts) == 3 and parts[2].strip().lstrip("-").isdigit():
         qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
   metadata = TaskMetadata(
       name=name, description=f"Local BEIR folder {folder}.", reference=None,
-      dataset={"path": os.path.abspath(folder), "revision": "local"}, type="Retrieval",
+      dataset={"path": storage.absolute(folder), "revision": "local"}, type="Retrieval",
       category="t2t", modalities=["text"], eval_splits=[split], eval_langs=["eng-Latn"],
       main_score="ndcg_at_10", date=None, domains=None, task_subtypes=None, license=None,
       annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation=None)

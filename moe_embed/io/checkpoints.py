@@ -9,12 +9,14 @@ The model metadata beside the checkpoints is `model_folder`'s business.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+from moe_embed import storage
 
 # Train-state fields that older checkpoints hold and the current state does not:
 # restored (they must be read to match the saved tree) and then dropped.
@@ -26,7 +28,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(storage.absolute(workdir), "checkpoints")
 
 
 def _handlers() -> dict:
@@ -88,11 +90,12 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, d
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
-  path = os.path.join(str(manager.directory), str(step))
-  if jax.process_index() == 0 and os.path.isdir(path):
-    target = path + ".damaged"
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(path, target)
+  path = epath.Path(manager.directory) / str(step)
+  if jax.process_index() == 0 and path.is_dir():
+    target = path.parent / f"{step}.damaged"
+    if target.exists():
+      target.rmtree()
+    path.rename(target)
     logging.warning("Moved the damaged checkpoint %s to %s.", path, target)
 
 

@@ -12,9 +12,9 @@ A missing or mis-shaped tensor fails with its name and both shapes.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
+from etils import epath
 import numpy as np
 
 from moe_embed.model.config import EncoderConfig
@@ -27,43 +27,44 @@ class CheckpointError(ValueError):
 
 
 def read_config(folder: str) -> dict:
-  path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(folder) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder.")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def read_state_dict(folder: str) -> dict[str, np.ndarray]:
   """float32 numpy arrays from model.safetensors (sharded or not) or pytorch_model.bin."""
-  single = os.path.join(folder, "model.safetensors")
-  index = os.path.join(folder, "model.safetensors.index.json")
-  if os.path.exists(single) or os.path.exists(index):
-    from safetensors.numpy import load_file
-    files = [single] if os.path.exists(single) else sorted(
-        {os.path.join(folder, f) for f in json.load(open(index))["weight_map"].values()})
+  root = epath.Path(folder)
+  single, index = root / "model.safetensors", root / "model.safetensors.index.json"
+  if single.exists() or index.exists():
+    from safetensors.numpy import load
+    files = [single] if single.exists() else sorted(
+        {root / f for f in json.loads(index.read_text())["weight_map"].values()})
     out = {}
     for path in files:
+      data = path.read_bytes()
       try:
-        out.update(load_file(path))
+        out.update(load(data))
       except TypeError:  # bfloat16 tensors: numpy cannot hold them, torch can.
-        out.update(_torch_safetensors(path))
+        out.update(_torch_safetensors(data))
     return {k: np.asarray(v, np.float32) if v.dtype != np.float32 else v for k, v in out.items()}
-  bin_path = os.path.join(folder, "pytorch_model.bin")
-  if os.path.exists(bin_path):
+  bin_path = root / "pytorch_model.bin"
+  if bin_path.exists():
     try:
       import torch
     except ImportError:
       raise ImportError(f"{bin_path} is a PyTorch pickle; install torch to read it, or convert "
                         "the folder to model.safetensors.") from None
-    state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    with bin_path.open("rb") as f:
+      state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
   raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin.")
 
 
-def _torch_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.torch import load_file
-  return {k: v.float().numpy() for k, v in load_file(path).items()}
+def _torch_safetensors(data: bytes) -> dict[str, np.ndarray]:
+  from safetensors.torch import load
+  return {k: v.float().numpy() for k, v in load(data).items()}
 
 
 def config_from_hf(hf: dict) -> EncoderConfig:
@@ -292,18 +293,16 @@ def load_hf_folder(folder: str) -> tuple[dict, EncoderConfig, dict[str, Any]]:
   config = config_from_hf(hf)
   params = LOADERS[hf["model_type"]](read_state_dict(folder), config)
   meta: dict[str, Any] = {"tokenizer": folder, "query_prefix": "", "doc_prefix": ""}
-  st_config = os.path.join(folder, "sentence_bert_config.json")
-  if os.path.exists(st_config):
-    with open(st_config) as f:
-      meta["max_length"] = int(json.load(f).get("max_seq_length", 512))
+  st_config = epath.Path(folder) / "sentence_bert_config.json"
+  if st_config.exists():
+    meta["max_length"] = int(json.loads(st_config.read_text()).get("max_seq_length", 512))
   else:  # The position table's size, or a rotary model's n_positions.
     meta["max_length"] = config.max_position_embeddings - config.position_offset
   if hf["model_type"] == "nomic_bert":
     meta["query_prefix"], meta["doc_prefix"] = "search_query: ", "search_document: "
-  prompts_path = os.path.join(folder, "config_sentence_transformers.json")
-  if os.path.exists(prompts_path):  # An exported folder: its prompts are the prefixes.
-    with open(prompts_path) as f:
-      prompts = json.load(f).get("prompts") or {}
+  prompts_path = epath.Path(folder) / "config_sentence_transformers.json"
+  if prompts_path.exists():  # An exported folder: its prompts are the prefixes.
+    prompts = json.loads(prompts_path.read_text()).get("prompts") or {}
     meta["query_prefix"] = prompts.get("query", meta["query_prefix"])
     meta["doc_prefix"] = prompts.get("document", meta["doc_prefix"])
   return params, config, meta

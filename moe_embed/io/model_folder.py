@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Optional
 
+from etils import epath
 import numpy as np
 from flax import traverse_util
 
+from moe_embed import storage
 from moe_embed.io import checkpoints, hf_import
 from moe_embed.model.config import EncoderConfig
 
@@ -40,12 +41,13 @@ TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer.model
 
 def tokenizer_file(path: str) -> str:
   """A tokenizer file, given the file or a folder that holds one."""
-  if os.path.isdir(path):
+  folder = epath.Path(path)
+  if folder.is_dir():
     for name in TOKENIZER_FILES:
-      if os.path.exists(os.path.join(path, name)):
-        return os.path.join(path, name)
+      if (folder / name).exists():
+        return os.fspath(folder / name)
     raise FileNotFoundError(f"No tokenizer file in {path}: expected one of {TOKENIZER_FILES}.")
-  if not os.path.exists(path):
+  if not folder.exists():
     raise FileNotFoundError(f"Tokenizer {path} does not exist.")
   return path
 
@@ -87,64 +89,65 @@ def write_meta(folder: str, config: EncoderConfig, *, tokenizer: str, query_pref
   max_length: the model's token limit (the default for encoding);
   train_max_length: the truncation used in training, recorded for reference.
   """
-  os.makedirs(folder, exist_ok=True)
+  epath.Path(folder).mkdir(parents=True, exist_ok=True)
   source = tokenizer_file(tokenizer)
   name = os.path.basename(source)
   target = os.path.join(folder, name)
-  if os.path.abspath(target) != os.path.abspath(source):
-    shutil.copy(source, target)
+  if storage.absolute(target) != storage.absolute(source):
+    epath.Path(source).copy(target, overwrite=True)
   meta = {"encoder": config.to_dict(), "tokenizer": name, "query_prefix": query_prefix,
           "doc_prefix": doc_prefix, "max_length": int(max_length)}
   if train_max_length is not None:
     meta["train_max_length"] = int(train_max_length)
-  with open(os.path.join(folder, META), "w") as f:
-    json.dump(meta, f, indent=2)
+  (epath.Path(folder) / META).write_text(json.dumps(meta, indent=2))
 
 
 def has_meta(folder: str) -> bool:
-  return any(os.path.exists(os.path.join(folder, n)) for n in (META, LEGACY_META))
+  return any((epath.Path(folder) / n).exists() for n in (META, LEGACY_META))
 
 
 def read_meta(folder: str) -> tuple[EncoderConfig, dict]:
   """(EncoderConfig, meta) of a folder; meta['tokenizer'] is an absolute path."""
   for name in (META, LEGACY_META):
-    path = os.path.join(folder, name)
-    if os.path.exists(path):
+    path = epath.Path(folder) / name
+    if path.exists():
       break
   else:
     raise FileNotFoundError(f"{folder} has no {META}: not a model folder or training workdir.")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(path.read_text())
   config = EncoderConfig.from_dict(meta.pop("encoder"))
   # A relative name is the folder's own copy; older workdirs hold an absolute path.
-  meta["tokenizer"] = os.path.join(os.path.abspath(folder), meta["tokenizer"])
+  tokenizer = meta["tokenizer"]
+  if not (os.path.isabs(tokenizer) or storage.is_remote(tokenizer)):
+    tokenizer = os.path.join(storage.absolute(folder), tokenizer)
+  meta["tokenizer"] = tokenizer
   return config, meta
 
 
 def save_model_folder(path: str, params: Any, config: EncoderConfig, *, tokenizer_path: str,
                       query_prefix: str = "", doc_prefix: str = "", max_length: int = 512) -> None:
   """Writes a native model folder: weights, tokenizer copy and model.json."""
-  from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
+  from safetensors.numpy import save
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
   flat = traverse_util.flatten_dict(params, sep="/")
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()},
-            os.path.join(path, WEIGHTS))
+  (epath.Path(path) / WEIGHTS).write_bytes(save(
+      {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}))
   write_meta(path, config, tokenizer=tokenizer_path, query_prefix=query_prefix,
              doc_prefix=doc_prefix, max_length=max_length)
 
 
 def load_model_folder(path: str) -> tuple[dict, EncoderConfig, dict]:
   """(params, EncoderConfig, meta) of a native folder."""
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load
   config, meta = read_meta(path)
-  weights = os.path.join(path, WEIGHTS)
-  if not os.path.exists(weights):
+  weights = epath.Path(path) / WEIGHTS
+  if not weights.exists():
     raise FileNotFoundError(f"{weights} is missing.")
-  return traverse_util.unflatten_dict(load_file(weights), sep="/"), config, meta
+  return traverse_util.unflatten_dict(load(weights.read_bytes()), sep="/"), config, meta
 
 
 def is_workdir(path: str) -> bool:
-  return os.path.isdir(checkpoints.checkpoint_dir(path)) and has_meta(path)
+  return epath.Path(checkpoints.checkpoint_dir(path)).is_dir() and has_meta(path)
 
 
 def load_workdir(path: str) -> tuple[Any, EncoderConfig, dict]:
@@ -157,13 +160,13 @@ def load_workdir(path: str) -> tuple[Any, EncoderConfig, dict]:
 
 def load_any(path: str) -> tuple[dict, EncoderConfig, dict]:
   """A training workdir, a native folder or a Hugging Face folder."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"Model path {path} does not exist.")
   if is_workdir(path):
     return load_workdir(path)
   if has_meta(path):
     return load_model_folder(path)
-  if os.path.exists(os.path.join(path, "config.json")):
+  if (epath.Path(path) / "config.json").exists():
     return hf_import.load_hf_folder(path)
   raise FileNotFoundError(
       f"{path} is not a model: expected {META} with {WEIGHTS} (a native folder) or with "

@@ -18,10 +18,12 @@ import shutil
 import tempfile
 from typing import Any, Optional, Sequence
 
+from etils import epath
 from flax import linen as nn
 import jax
 import numpy as np
 
+from moe_embed import storage
 from moe_embed.io import hf_export, model_folder
 from moe_embed.model import param_count
 from moe_embed.model.config import EncoderConfig
@@ -94,9 +96,12 @@ def write_tokenizer(tokenizer_path: str, out: str, max_length: int) -> None:
   """tokenizer.json and a tokenizer_config.json that AutoTokenizer loads offline."""
   target = os.path.join(out, "tokenizer.json")
   if tokenizer_path.endswith(".json"):
-    shutil.copy(tokenizer_path, target)
-  else:
-    sentencepiece_to_tokenizer_json(tokenizer_path, target)
+    epath.Path(tokenizer_path).copy(target, overwrite=True)
+  else:  # The converter reads a local file; the model may be a gs:// object.
+    local_model = os.path.join(out, ".sentencepiece.model")
+    epath.Path(tokenizer_path).copy(local_model, overwrite=True)
+    sentencepiece_to_tokenizer_json(local_model, target)
+    os.remove(local_model)
   with open(target) as f:
     raw = json.load(f)
   raw["truncation"], raw["padding"] = None, None  # Set per call by transformers.
@@ -149,14 +154,14 @@ def export(params: Any, config: EncoderConfig, meta: dict, out: str, *,
   if bad:
     raise ValueError(f"{len(bad)} parameter tensors hold non-finite values (e.g. {bad[0]}); "
                      f"the model diverged or is damaged, so nothing was written to {out}.")
-  if "://" not in out and os.path.exists(out) and os.listdir(out):
+  if epath.Path(out).is_dir() and any(epath.Path(out).iterdir()):
     raise FileExistsError(f"{out} already exists and is not empty; choose another --out.")
   dims = list(matryoshka_dims or [config.embedding_dim])
   query_prefix, doc_prefix = meta.get("query_prefix", ""), meta.get("doc_prefix", "")
   max_length = int(meta.get("max_length", 512))
   # Written aside and renamed (local) or copied when complete (gs://), so an
   # interrupted export never leaves a folder that looks whole.
-  if "://" in out:
+  if storage.is_remote(out):
     local = tempfile.mkdtemp(prefix="moe_embed_export_")
   else:
     parent = os.path.dirname(os.path.abspath(out))
@@ -164,7 +169,7 @@ def export(params: Any, config: EncoderConfig, meta: dict, out: str, *,
     local = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
   try:
     _write_folder(local, params, config, dims, query_prefix, doc_prefix, max_length, meta)
-    if "://" in out:
+    if storage.is_remote(out):
       _copy_tree(local, out)
     else:
       os.chmod(local, 0o755)  # mkdtemp makes it private.
@@ -190,7 +195,6 @@ def _write_folder(local, params, config, dims, query_prefix, doc_prefix, max_len
 
 
 def _copy_tree(src: str, dst: str) -> None:
-  from etils import epath
   for root, _, files in os.walk(src):
     for name in files:
       path = os.path.join(root, name)
@@ -201,11 +205,10 @@ def _copy_tree(src: str, dst: str) -> None:
 
 def matryoshka_dims_of(model_path: str) -> Optional[list[int]]:
   """loss.matryoshka_dims of a training workdir's config.json, if any."""
-  path = os.path.join(model_path, "config.json")
-  if not os.path.exists(path) or not model_folder.has_meta(model_path):
+  path = epath.Path(model_path) / "config.json"
+  if not path.exists() or not model_folder.has_meta(model_path):
     return None
-  with open(path) as f:
-    dims = (json.load(f).get("loss") or {}).get("matryoshka_dims")
+  dims = (json.loads(path.read_text()).get("loss") or {}).get("matryoshka_dims")
   return [int(d) for d in dims] if dims else None
 
 

@@ -1,12 +1,24 @@
-"""Metrics to `metrics.jsonl` (one JSON object per logged step) and TensorBoard."""
+"""Metrics to `metrics.jsonl` (one JSON object per logged step) and TensorBoard.
+
+The workdir may be a gs:// folder: an object store cannot append, so the JSONL
+file is rewritten whole at each write (one row per logged step keeps it small),
+atomically, so that a crash leaves the previous version.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Mapping, Optional
 
+from etils import epath
 import numpy as np
+
+from moe_embed import storage
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
@@ -21,17 +33,21 @@ class MetricWriter:
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None and os.path.exists(path):
-      _truncate_after(path, resume_step)
-    self._jsonl = open(path, "a")
+    self._path = epath.Path(workdir) / METRICS_FILE
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    self._lines = _read_lines(self._path, resume_step)
+    self._closed = False
+    # Event files are appended to, which an object store cannot do: for a gs://
+    # workdir they are written to a local folder and uploaded whole at each write.
+    events = str(epath.Path(workdir) / "tensorboard")
+    self._events_remote = events if storage.is_remote(events) else None
+    if self._events_remote:
+      events = tempfile.mkdtemp(prefix="moe_embed_events_")
     try:
       from tensorboardX import SummaryWriter
       # purge_step hides the events of steps >= it that an earlier run wrote.
       self._tb = SummaryWriter(
-          os.path.join(workdir, "tensorboard"),
-          purge_step=None if resume_step is None else resume_step + 1)
+          events, purge_step=None if resume_step is None else resume_step + 1)
     except ImportError:  # TensorBoard is optional; the JSONL log is not.
       self._tb = None
 
@@ -43,36 +59,44 @@ class MetricWriter:
       value = np.asarray(value)
       if value.size == 1:
         row[key] = float(value)
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    self._lines.append(json.dumps(row) + "\n")
+    storage.write_atomic(self._path, "".join(self._lines))
     if self._tb is not None:
       for key, value in row.items():
         if key != "step":  # TensorBoard tags allow no '@'.
           self._tb.add_scalar(key.replace("@", "_at_"), value, step)
       self._tb.flush()
+      self._upload_events()
 
   def close(self) -> None:
-    if not self.enabled or self._jsonl.closed:
+    if not self.enabled or self._closed:
       return
-    self._jsonl.close()
+    self._closed = True
     if self._tb is not None:
       self._tb.close()
+      self._upload_events()
+      if self._events_remote:
+        shutil.rmtree(self._tb.logdir, ignore_errors=True)
+
+  def _upload_events(self) -> None:
+    if not self._events_remote:
+      return
+    for name in os.listdir(self._tb.logdir):
+      local = os.path.join(self._tb.logdir, name)
+      (epath.Path(self._events_remote) / name).write_bytes(open(local, "rb").read())
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Rewrites metrics.jsonl without the rows logged after `step` (atomically)."""
-  with open(path) as f:
-    lines = f.readlines()
+def _read_lines(path: epath.Path, resume_step: Optional[int]) -> list[str]:
+  """The rows already logged; with `resume_step`, without those logged after it."""
+  if not path.exists():
+    return []
   kept = []
-  for line in lines:
+  for line in path.read_text().splitlines(keepends=True):
     try:
-      if json.loads(line).get("step", 0) > step:
-        continue
+      row = json.loads(line)
     except ValueError:  # A line cut by a crash mid-write.
       continue
-    kept.append(line)
-  if len(kept) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    if resume_step is not None and row.get("step", 0) > resume_step:
+      continue
+    kept.append(line if line.endswith("\n") else line + "\n")
+  return kept

@@ -8,18 +8,18 @@ the latest checkpoint (parameters, optimizer, step and data position).
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from moe_embed import partitioning
+from moe_embed import partitioning, storage
 from moe_embed.io import checkpoints, model_folder
 from moe_embed.model.encoder import EmbeddingModel
 from moe_embed.train import config as run_config
@@ -119,6 +119,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   from moe_embed.tokenizers import load_tokenizer
 
   run_config.check_config(config)
+  storage.check_bucket(workdir)  # Before any work, not at the first checkpoint.
   encoder_config, start_params, model_meta = run_config.resolve_encoder(config)
   loss_cfg = run_config.loss_config(config, encoder_config.embedding_dim)
   opt_cfg = run_config.optimizer_config(config)
@@ -145,10 +146,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   beir_dirs = _beir_dirs(config, data_dir, data_lib)
 
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     model_folder.write_meta(
         workdir, encoder_config, tokenizer=tokenizer_path,
         query_prefix=inputs.query_prefix, doc_prefix=inputs.doc_prefix,
@@ -190,7 +190,7 @@ def _beir_dirs(config: ml_collections.ConfigDict, data_dir: str, data_lib) -> li
   if not config.eval.enabled:
     return []
   dirs = [d for d in config.eval.beir.split(",") if d] or data_lib.heldout_beir_dirs(data_dir)
-  missing = [d for d in dirs if not os.path.isdir(d)]
+  missing = [d for d in dirs if not epath.Path(d).is_dir()]
   if missing:
     raise ConfigError(f"eval.beir names folders that do not exist: {missing}.")
   return dirs
