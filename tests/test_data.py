@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from etils import epath
 import numpy as np
 import pytest
 
@@ -95,6 +96,45 @@ def test_prepare_data_launcher(tmp_path):
   missing = subprocess.run([sys.executable, "launch/prepare_data.py", "--input=/no/such.jsonl",
                             f"--output={tmp_path}/x"], cwd=REPO, capture_output=True, text=True)
   assert missing.returncode != 0 and "/no/such.jsonl does not exist" in missing.stderr
+
+
+def test_inputs_are_files_globs_and_folders(tmp_path):
+  for name in ("a/x.jsonl", "a/b/y.jsonl.gz", "c/z.jsonl", "c/notes.txt"):
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).write_text("")
+  assert jsonl.expand_inputs(f"{tmp_path}/*/*.jsonl") == [f"{tmp_path}/a/x.jsonl",
+                                                          f"{tmp_path}/c/z.jsonl"]
+  assert jsonl.expand_inputs(f"{tmp_path}/a,{tmp_path}/c/z.jsonl") == [
+      f"{tmp_path}/a/b/y.jsonl.gz", f"{tmp_path}/a/x.jsonl", f"{tmp_path}/c/z.jsonl"]
+  with pytest.raises(ValueError, match="'\\*\\*' is not supported in globs; give the folder"):
+    jsonl.expand_inputs(f"{tmp_path}/**/*.jsonl")
+  with pytest.raises(FileNotFoundError, match="No files match"):
+    jsonl.expand_inputs(f"{tmp_path}/*/*.parquet")
+
+
+def test_on_an_object_store_dataset_info_is_written_last(tmp_path, monkeypatch):
+  """No atomic folder rename there (gs://): the dataset is built in place, the info commits it."""
+  monkeypatch.setattr(dataset, "is_local", lambda path: False)
+  out = tmp_path / "ds"
+  info = {"format": dataset.FORMAT, "sources": {}}
+
+  def build(folder):
+    assert folder == epath.Path(out) and not (folder / dataset.INFO).exists()
+    (folder / "part").write_text("x")
+    return info
+
+  assert dataset.commit(str(out), build) == info
+  assert dataset.read_info(str(out)) == info
+  with pytest.raises(FileExistsError, match="pass --overwrite"):
+    dataset.commit(str(out), build)
+
+  def fail(folder):
+    assert not (folder / dataset.INFO).exists() and not (folder / "part").exists()
+    raise RuntimeError("preemption")
+
+  with pytest.raises(RuntimeError, match="preemption"):
+    dataset.commit(str(out), fail, overwrite=True)
+  assert not out.exists()
 
 
 @pytest.fixture(scope="module")

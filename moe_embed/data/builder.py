@@ -1,11 +1,16 @@
 """TFDS builder for contrastive pairs: one split per source, ArrayRecord files.
 
 The examples are staged as one JSONL file per source (already validated and
-deduplicated by `dataset.write_dataset`); the builder turns each into a split of
+deduplicated by `dataset.build_dataset`); the builder turns each into a split of
 ArrayRecord shards that `tfds.data_source` reads with random access and without
 TensorFlow. Example order within a split is the staging order (no shuffling), so
 a record's index is stable and the batch iterator's permutations are
-reproducible.
+reproducible. `beam_prepare` subclasses the builder to generate the splits with
+Apache Beam instead; the files written are the same.
+
+The ArrayRecord writer of the array_record wheel opens local files only (its
+reader reads gs:// too), so a shard bound for an object store is written to a
+local temporary file and then copied there.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Mapping
 
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core import writer as tfds_writer
 from tensorflow_datasets.core.utils import py_utils
 
 NAME = "contrastive_pairs"
@@ -59,6 +67,9 @@ class ContrastivePairs(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
+  def _example_writer(self) -> tfds_writer.ExampleWriter:
+    return _ExampleWriter(file_format=self.info.file_format)
+
   def _split_generators(self, dl_manager):
     del dl_manager
     if not self._staged:
@@ -66,9 +77,23 @@ class ContrastivePairs(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(path) for split, path in self._staged.items()}
 
   def _generate_examples(self, path: str):
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open(encoding="utf-8") as f:
       for index, line in enumerate(f):
         yield index, json.loads(line)
+
+
+class _ExampleWriter(tfds_writer.ExampleWriter):
+  """TFDS's shard writer; a shard for an object store is written locally, then copied."""
+
+  def write(self, path, examples):
+    if "://" not in os.fspath(path):
+      return super().write(path, examples)
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, "shard")
+      positions = super().write(local, examples)
+      with open(local, "rb") as src, epath.Path(path).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    return positions
 
 
 def build(staged: Mapping[str, str], tfds_dir: str) -> None:
@@ -85,4 +110,4 @@ def data_sources(tfds_dir: str) -> dict:
 
 
 def dataset_path(tfds_dir: str) -> str:
-  return os.path.join(tfds_dir, NAME, DATASET_VERSION)
+  return os.fspath(epath.Path(tfds_dir) / NAME / DATASET_VERSION)

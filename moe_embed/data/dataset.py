@@ -1,90 +1,127 @@
-"""The prepared contrastive dataset: one ArrayRecord file of examples per source.
+"""The prepared contrastive dataset: one ArrayRecord split of examples per source.
 
 Layout of a dataset folder:
-  dataset_info.json             sources, their sizes and splits, the tokenizer
+  dataset_info.json             sources, their sizes, splits and options, the tokenizer
   tfds/contrastive_pairs/1.0.0/ TFDS dataset (ArrayRecord), one split per source
-  negatives-<source>.npy        int32 [n]: hard negatives per example
+  negatives-<source>.npy        int32 [n]: hard negatives per example, in split order
   tokenizer.model               SentencePiece model, when one was trained or copied
   heldout/                      optional BEIR folder for evaluation
 `tfds.data_source` gives random access to ArrayRecord files without TensorFlow,
-so any process can read any slice of any batch.
+so any process can read any slice of any batch. All I/O goes through
+`etils.epath`, so a dataset folder may be `gs://...`.
+
+Writing is all-or-nothing (`commit`): dataset_info.json is the last file written
+and a folder without it is not a dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
+from etils import epath
 import numpy as np
 from tqdm import tqdm
 
-from moe_embed.data import builder
+from moe_embed import storage
+from moe_embed.data import builder, jsonl
 from moe_embed.data.jsonl import ReadReport
 
 INFO = "dataset_info.json"
 FORMAT = "moe_embed.pairs.v2"
 TFDS_DIR = "tfds"
+# Optional per-source keys of info["sources"][source], read by the batch iterator.
+SOURCE_OPTIONS = ("query_prefix", "doc_prefix", "max_query_len", "max_doc_len")
+MIN_LEN = 3  # A length keeps <s>, one token and </s>.
 
 
-def _safe(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+def negatives_file(source: str) -> str:
+  return f"negatives-{re.sub(r'[^A-Za-z0-9_.-]', '_', source)}.npy"
 
 
-def write_dataset(records: Iterable[dict], out_dir: str, report: ReadReport,
-                  tokenizer_path: Optional[str] = None, overwrite: bool = False) -> dict:
-  """Writes deduplicated records grouped by source; returns dataset_info.
+def is_local(path: os.PathLike | str) -> bool:
+  """Whether `path` is on a local disk, where renaming a folder is atomic (not gs://, s3://)."""
+  return not storage.is_remote(path)
 
-  The dataset is built in a folder beside `out_dir` and renamed into place, so an
-  interrupted run leaves no half-written dataset; an existing `out_dir` is
-  replaced whole only with `overwrite`.
-  """
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+
+def check_output(out_dir: str, overwrite: bool) -> None:
+  out = epath.Path(out_dir)
+  if out.exists() and any(out.iterdir()) and not overwrite:
     raise FileExistsError(f"{out_dir} already exists and is not empty; pass --overwrite to "
                           "replace it, or choose another --output.")
-  tmp = out_dir.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+
+
+def commit(out_dir: str, build: Callable[[epath.Path], dict], overwrite: bool = False) -> dict:
+  """Runs `build(folder)`, which writes a dataset but its info and returns the info.
+
+  On a local disk the dataset is built in `<out_dir>.tmp` and renamed into place,
+  so an interrupted run leaves no half-written dataset and an existing one is
+  replaced (with `overwrite`) only by a complete one. An object store has no
+  atomic folder rename: there the dataset is built in place and dataset_info.json,
+  written last, is the commit marker; `overwrite` first deletes the old marker,
+  then the old files, so readers never see a mix of two datasets.
+  """
+  check_output(out_dir, overwrite)
+  out = epath.Path(out_dir)
+  folder = out.parent / f"{out.name}.tmp" if is_local(out) else out
+  if folder.exists():
+    (folder / INFO).unlink(missing_ok=True)
+    folder.rmtree()
+  folder.mkdir(parents=True, exist_ok=True)
   try:
-    info = _write(records, tmp, report, tokenizer_path)
+    info = build(folder)
+    write_info(folder, info)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.rmtree(missing_ok=True)
     raise
-  if os.path.exists(out_dir):
-    old = out_dir.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, out_dir)
+  if folder != out:
+    if out.exists():
+      old = out.parent / f"{out.name}.old"
+      old.rmtree(missing_ok=True)
+      out.rename(old)
+      folder.rename(out)
+      old.rmtree()
+    else:
+      folder.rename(out)
   return info
 
 
-def _write(records: Iterable[dict], tmp: str, report: ReadReport,
-           tokenizer_path: Optional[str]) -> dict:
-  """Builds the dataset in the folder `tmp`; returns dataset_info."""
-  stage = os.path.join(tmp, "staged")
-  os.makedirs(stage)
-  writers, negatives, seen = {}, {}, set()
+def write_info(folder: os.PathLike | str, info: dict) -> None:
+  """Writes dataset_info.json whole: through a renamed temporary file on a local disk."""
+  path = epath.Path(folder) / INFO
+  text = json.dumps(info, indent=2)
+  if is_local(path):
+    tmp = path.parent / f"{INFO}.tmp"
+    tmp.write_text(text)
+    tmp.rename(path)
+  else:
+    path.write_text(text)  # An object is replaced whole on upload.
+
+
+def build_dataset(records: Iterable[dict], folder: epath.Path, report: ReadReport,
+                  source_options: Optional[Mapping[str, dict]] = None) -> dict:
+  """The in-process engine: deduplicates `records` into `folder`; returns dataset_info.
+
+  Records are staged as one JSONL file per source, then written as ArrayRecord
+  splits by the TFDS builder; a set of every pair's SHA-1 stays in memory (fine
+  for small data; `beam_prepare` is the path for large corpora).
+  """
+  stage = folder / "staged"
+  stage.mkdir()
+  writers, staged, negatives, seen = {}, {}, {}, set()
   for record in tqdm(records, desc="Reading records", unit=" records", mininterval=2):
-    key = hashlib.sha1(
-        (record["query"] + "\x00" + record["document"]).encode()).digest()
+    key = jsonl.pair_key(record)
     if key in seen:
       report.duplicates += 1
       continue
     seen.add(key)
     source = record["source"]
     if source not in writers:
-      split = builder.split_name(source)
-      clash = [s for s in writers if builder.split_name(s) == split]
-      if clash:
-        raise ValueError(f"Sources {source!r} and {clash[0]!r} map to the same split name "
-                         f"{split!r}; rename one of them.")
-      writers[source] = open(os.path.join(stage, split + ".jsonl"), "w", encoding="utf-8")
+      check_split_names([*writers, source])
+      staged[source] = stage / f"{builder.split_name(source)}.jsonl"
+      writers[source] = staged[source].open("w", encoding="utf-8")
       negatives[source] = []
     writers[source].write(json.dumps(
         {"query": record["query"], "document": record["document"],
@@ -94,35 +131,108 @@ def _write(records: Iterable[dict], tmp: str, report: ReadReport,
     writer.close()
   if not writers:
     raise ValueError("No valid records to write: every input line was malformed or empty.")
-  builder.build({builder.split_name(s): w.name for s, w in writers.items()},
-                os.path.join(tmp, TFDS_DIR))
-  shutil.rmtree(stage)
+  check_source_options(source_options, list(writers))
+  builder.build({builder.split_name(s): os.fspath(p) for s, p in staged.items()},
+                os.fspath(folder / TFDS_DIR))
+  stage.rmtree()
+  for source, counts in negatives.items():
+    with (folder / negatives_file(source)).open("wb") as f:
+      np.save(f, np.asarray(counts, np.int32))
+  return make_info({s: len(c) for s, c in negatives.items()}, report, source_options)
+
+
+def check_split_names(sources: Iterable[str]) -> None:
+  """Two sources whose TFDS split names would collide are an error naming both."""
+  seen = {}
+  for source in sources:
+    split = builder.split_name(source)
+    if split in seen:
+      raise ValueError(f"Sources {source!r} and {seen[split]!r} map to the same split name "
+                       f"{split!r}; rename one of them.")
+    seen[split] = source
+
+
+def make_info(num_examples: Mapping[str, int], report: ReadReport,
+              source_options: Optional[Mapping[str, dict]] = None) -> dict:
+  """dataset_info for the given examples per source (both engines write this)."""
   sources = {}
-  for source in sorted(writers):
-    np.save(os.path.join(tmp, f"negatives-{_safe(source)}.npy"),
-            np.asarray(negatives[source], np.int32))
+  for source in sorted(num_examples):
     sources[source] = {"split": builder.split_name(source),
-                       "negatives_file": f"negatives-{_safe(source)}.npy",
-                       "num_examples": len(negatives[source])}
-  info = {"format": FORMAT, "sources": sources,
+                       "negatives_file": negatives_file(source),
+                       "num_examples": int(num_examples[source]),
+                       **(source_options or {}).get(source, {})}
+  return {"format": FORMAT, "sources": sources,
           "num_examples": sum(s["num_examples"] for s in sources.values()),
           "duplicates_dropped": report.duplicates, "malformed_skipped": report.malformed}
-  if tokenizer_path:
-    shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    info["tokenizer"] = "tokenizer.model"
-  with open(os.path.join(tmp, INFO), "w") as f:
-    json.dump(info, f, indent=2)
-  return info
+
+
+def parse_source_options(value: str | Mapping | None) -> dict[str, dict]:
+  """--source_prefixes: a JSON object, or a path to a JSON file, of source -> options.
+
+  Options are some of SOURCE_OPTIONS, e.g. {"clf": {"query_prefix": "classification: ",
+  "max_query_len": 64}}; an unknown key or a value of the wrong type is an error.
+  """
+  if not value:
+    return {}
+  if isinstance(value, str):
+    text = value if value.lstrip().startswith("{") else _read_options_file(value)
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--source_prefixes is not valid JSON ({e}).") from None
+  if not isinstance(value, Mapping):
+    raise ValueError("--source_prefixes must be a JSON object of source -> options.")
+  out = {}
+  for source, options in value.items():
+    where = f"--source_prefixes[{source!r}]"
+    if not isinstance(options, Mapping):
+      raise ValueError(f"{where} must be an object with some of {list(SOURCE_OPTIONS)}.")
+    unknown = sorted(set(options) - set(SOURCE_OPTIONS))
+    if unknown:
+      raise ValueError(f"{where} has unknown keys {unknown}; known: {list(SOURCE_OPTIONS)}.")
+    for key, option in options.items():
+      _check_option(f"{where}.{key}", key, option)
+    out[source] = dict(options)
+  return out
+
+
+def _read_options_file(path: str) -> str:
+  try:
+    return epath.Path(path).read_text()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"--source_prefixes={path} is neither a JSON object nor an "
+                            "existing file.") from None
+
+
+def _check_option(where: str, key: str, value: Any) -> None:
+  if key.endswith("_prefix"):
+    if not isinstance(value, str):
+      raise ValueError(f"{where} must be a string, got {type(value).__name__}.")
+  elif isinstance(value, bool) or not isinstance(value, int) or value < MIN_LEN:
+    raise ValueError(f"{where}={value!r} must be an integer >= {MIN_LEN}.")
+
+
+def check_source_options(source_options: Optional[Mapping[str, dict]],
+                         sources: Iterable[str]) -> None:
+  """Options for a source the data does not have are an error naming it."""
+  unknown = sorted(set(source_options or {}) - set(sources))
+  if unknown:
+    raise ValueError(f"--source_prefixes names unknown sources {unknown}; the data has "
+                     f"{sorted(sources)}.")
+
+
+def store_tokenizer(folder: epath.Path, tokenizer_path: str, info: dict) -> None:
+  epath.Path(tokenizer_path).copy(folder / "tokenizer.model", overwrite=True)
+  info["tokenizer"] = "tokenizer.model"
 
 
 def read_info(data_dir: str) -> dict:
-  path = os.path.join(data_dir, INFO)
-  if not os.path.exists(path):
+  path = epath.Path(data_dir) / INFO
+  if not path.exists():
     raise FileNotFoundError(
         f"{data_dir} is not a prepared dataset ({INFO} is missing); build it with "
-        "`python launch/prepare_data.py --input=... --output={data_dir}`.")
-  with open(path) as f:
-    info = json.load(f)
+        f"`python launch/prepare_data.py --input=... --output={data_dir}`.")
+  info = json.loads(path.read_text())
   if info.get("format") != FORMAT:
     raise ValueError(f"{path} has format {info.get('format')!r}; expected {FORMAT!r}.")
   return info
@@ -130,7 +240,7 @@ def read_info(data_dir: str) -> dict:
 
 def open_splits(data_dir: str) -> dict:
   """Split name -> random-access data source of the dataset's TFDS folder."""
-  return builder.data_sources(os.path.join(data_dir, TFDS_DIR))
+  return builder.data_sources(os.fspath(epath.Path(data_dir) / TFDS_DIR))
 
 
 class SourceReader:
@@ -139,7 +249,8 @@ class SourceReader:
   def __init__(self, data_dir: str, entry: dict, sources: Optional[dict] = None):
     sources = sources if sources is not None else open_splits(data_dir)
     self.source = sources[entry["split"]]
-    self.num_negatives = np.load(os.path.join(data_dir, entry["negatives_file"]))
+    with (epath.Path(data_dir) / entry["negatives_file"]).open("rb") as f:
+      self.num_negatives = np.load(f)
     if len(self.source) != len(self.num_negatives):
       raise ValueError(f"{data_dir}: split {entry['split']!r} holds {len(self.source)} examples "
                        f"but {entry['negatives_file']} counts {len(self.num_negatives)}; "

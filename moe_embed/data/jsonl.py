@@ -1,21 +1,28 @@
 """Reading contrastive JSONL records: {"query", "document", "negatives"?, "source"?}.
 
 Malformed lines are skipped, counted and their first line numbers kept for the
-report; reading never stops midway on bad input.
+report; reading never stops midway on bad input. `parse_line` is the one check
+of a line, shared by the in-process reader here and the Beam pipeline
+(`beam_prepare`). Paths go through `etils.epath`, so inputs may be `gs://`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
+import hashlib
+import itertools
 import json
+import math
 import os
 import zlib
 from typing import Iterator, Sequence
 
+from etils import epath
+
 DEFAULT_SOURCE = "default"
 MAX_REPORTED = 5
+_WILDCARDS = "*?["
 
 
 @dataclasses.dataclass
@@ -33,23 +40,35 @@ class ReadReport:
       self.examples.append(f"{where}: {why}")
 
 
+def _glob(pattern: str) -> list[str]:
+  """Files matching a glob whose wildcards may sit in any part (gs://b/*/x-*.jsonl.gz)."""
+  if "**" in pattern:
+    raise ValueError(f"Input {pattern}: '**' is not supported in globs; give the folder to "
+                     "read all .jsonl and .jsonl.gz files under it, or one '*' per level.")
+  parts = pattern.split("/")
+  first = next(i for i, part in enumerate(parts) if any(c in part for c in _WILDCARDS))
+  base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+  return sorted(os.fspath(p) for p in epath.Path(base).glob("/".join(parts[first:])))
+
+
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
   """Files from a comma-separated list of files, globs and folders (*.jsonl, *.jsonl.gz)."""
   items = inputs.split(",") if isinstance(inputs, str) else list(inputs)
   files = []
   for item in filter(None, items):
-    if os.path.isdir(item):
-      found = sorted(glob.glob(os.path.join(item, "**", "*.jsonl"), recursive=True)
-                     + glob.glob(os.path.join(item, "**", "*.jsonl.gz"), recursive=True))
-      if not found:
-        raise FileNotFoundError(f"No .jsonl or .jsonl.gz files under {item}.")
-      files += found
-    elif any(c in item for c in "*?["):
-      found = sorted(glob.glob(item))
+    path = epath.Path(item)
+    if any(c in item for c in _WILDCARDS):
+      found = _glob(item)
       if not found:
         raise FileNotFoundError(f"No files match {item}.")
       files += found
-    elif os.path.exists(item):
+    elif path.is_dir():
+      found = sorted(os.fspath(folder / name) for folder, _, names in path.walk()
+                     for name in names if name.endswith((".jsonl", ".jsonl.gz")))
+      if not found:
+        raise FileNotFoundError(f"No .jsonl or .jsonl.gz files under {item}.")
+      files += found
+    elif path.exists():
       files.append(item)
     else:
       raise FileNotFoundError(f"Input {item} does not exist.")
@@ -78,12 +97,35 @@ def validate(record: object) -> tuple[dict | None, str]:
           "negatives": [n for n in negatives if n.strip()], "source": source}, ""
 
 
-def _lines(path: str) -> Iterator[bytes]:
-  """Raw lines of a .jsonl or .jsonl.gz file; a damaged gzip stream is an error naming the file."""
-  opener = gzip.open if path.endswith(".gz") else open
+def parse_line(raw_line: bytes) -> tuple[dict | None, str]:
+  """A clean record, or (None, why it is malformed); (None, "") for a blank line."""
   try:
-    with opener(path, "rb") as f:
-      yield from f
+    line = raw_line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return None, f"not valid UTF-8 (byte {e.start})"
+  if not line.strip():
+    return None, ""
+  try:
+    raw = json.loads(line)
+  except json.JSONDecodeError as e:
+    return None, f"invalid JSON ({e.msg})"
+  return validate(raw)
+
+
+def pair_key(record: dict) -> bytes:
+  """SHA-1 of query + NUL + document: the identity under which duplicates are dropped."""
+  return hashlib.sha1((record["query"] + "\x00" + record["document"]).encode()).digest()
+
+
+def read_lines(path: str) -> Iterator[bytes]:
+  """Raw lines of a .jsonl or .jsonl.gz file; a damaged gzip stream is an error naming the file."""
+  try:
+    with epath.Path(path).open("rb") as f:
+      if path.endswith(".gz"):
+        with gzip.GzipFile(fileobj=f) as unzipped:
+          yield from unzipped
+      else:
+        yield from f
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise ValueError(f"{path} is truncated or not a valid gzip file ({e}); "
                      "re-create or re-download it.") from None
@@ -95,22 +137,22 @@ def read_records(files: Sequence[str], report: ReadReport) -> Iterator[dict]:
   A line that is not valid UTF-8 is malformed like any other bad line.
   """
   for path in files:
-    for lineno, raw_line in enumerate(_lines(path), 1):
-      try:
-        line = raw_line.decode("utf-8")
-      except UnicodeDecodeError as e:
-        report.bad(f"{path}:{lineno}", f"not valid UTF-8 (byte {e.start})")
-        continue
-      if not line.strip():
-        continue
-      try:
-        raw = json.loads(line)
-      except json.JSONDecodeError as e:
-        report.bad(f"{path}:{lineno}", f"invalid JSON ({e.msg})")
-        continue
-      record, why = validate(raw)
+    for lineno, raw_line in enumerate(read_lines(path), 1):
+      record, why = parse_line(raw_line)
       if record is None:
-        report.bad(f"{path}:{lineno}", why)
+        if why:
+          report.bad(f"{path}:{lineno}", why)
         continue
       report.read += 1
       yield record
+
+
+def sample_records(files: Sequence[str], limit: int) -> Iterator[dict]:
+  """About `limit` valid records, an equal share from the start of each file.
+
+  For what must stay small on one host however large the corpus is (training
+  a tokenizer before a distributed preparation).
+  """
+  share = max(1, math.ceil(limit / len(files)))
+  for path in files:
+    yield from itertools.islice(read_records([path], ReadReport()), share)
