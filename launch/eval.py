@@ -53,6 +53,29 @@ _SPLIT = flags.DEFINE_string("split", "test", "Qrels file: qrels/<split>.tsv.")
 flags.mark_flag_as_required("model")
 
 
+def _check_output(path: str) -> None:
+  """Fails now, not after hours of encoding, if `path` cannot be written.
+
+  A gs:// output needs its bucket; a local one an existing folder (not made here).
+  """
+  if "://" in path:
+    cli.check_output_file(path)
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise OSError(f"--output={path} is a folder; give a file name.")
+  if not os.path.isdir(parent):
+    raise OSError(f"--output={path}: folder {parent} does not exist.")
+  existed = os.path.exists(path)
+  try:
+    with open(path, "a"):
+      pass
+  except OSError as e:
+    raise OSError(f"--output={path} cannot be written ({e.strerror}).") from None
+  if not existed:
+    os.remove(path)
+
+
 def _dims() -> list[int]:
   try:
     return [int(d) for d in _DIMS.value]
@@ -69,7 +92,7 @@ def main(argv):
   from moe_embed import inference
   from moe_embed.evaluation import beir
   if _OUTPUT.value:
-    cli.check_output_file(_OUTPUT.value)
+    _check_output(_OUTPUT.value)
   dims = _dims()
   # Folders and task names first: bad input fails in seconds, before a model is loaded.
   datasets = [beir.load_beir(folder, _SPLIT.value, name=name)

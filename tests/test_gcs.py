@@ -263,3 +263,21 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands_in_order_and_runs_none(tmp_p
   assert proc.returncode == 1 and not marker.exists()
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "is not a gs:// path" in lines[0]
+
+
+def test_array_record_files_larger_than_the_readers_first_read_load_from_the_bucket(
+    gcs_emulator, tmp_path):
+  """ArrayRecord's reader starts with the last MiB of a file (a suffix range)."""
+  from array_record.python import array_record_module as ar
+  bucket = make_bucket(gcs_emulator, "records")
+  local = str(tmp_path / "big.array_record")
+  writer = ar.ArrayRecordWriter(local, "group_size:1")
+  rng = np.random.default_rng(0)
+  records = [rng.bytes(3000) for _ in range(800)]  # About 2.4 MB: past the first read.
+  for record in records:
+    writer.write(record)
+  writer.close()
+  _upload(str(tmp_path), f"{bucket}/r")
+  reader = ar.ArrayRecordReader(f"{bucket}/r/big.array_record")
+  assert reader.num_records() == len(records)
+  assert reader.read(list(range(len(records)))) == records
