@@ -191,7 +191,7 @@ def parse_source_options(value: str | Mapping | None) -> dict[str, dict]:
     if unknown:
       raise ValueError(f"{where} has unknown keys {unknown}; known: {list(SOURCE_OPTIONS)}.")
     for key, option in options.items():
-      _check_option(f"{where}.{key}", key, option)
+      check_option(f"{where}.{key}", key, option)
     out[source] = dict(options)
   return out
 
@@ -204,7 +204,8 @@ def _read_options_file(path: str) -> str:
                             "existing file.") from None
 
 
-def _check_option(where: str, key: str, value: Any) -> None:
+def check_option(where: str, key: str, value: Any) -> None:
+  """One per-source value: a string prefix or an integer length of at least MIN_LEN."""
   if key.endswith("_prefix"):
     if not isinstance(value, str):
       raise ValueError(f"{where} must be a string, got {type(value).__name__}.")

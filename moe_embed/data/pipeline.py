@@ -48,8 +48,8 @@ from moe_embed.data import dataset
 
 # The per-source settings: keys of input.source_prefixes[source] and of
 # dataset_info.json's info["sources"][source].
-SOURCE_FIELDS = ("query_prefix", "doc_prefix", "max_query_len", "max_doc_len")
-MIN_LEN = 3  # <s>, one token, </s>.
+SOURCE_FIELDS = dataset.SOURCE_OPTIONS  # Per-source prompts and lengths, checked there.
+MIN_LEN = dataset.MIN_LEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +60,6 @@ class SourceInputs:
   doc_prefix: str
   max_query_len: int
   max_doc_len: int
-
-
-def _check_value(field: str, value: Any, where: str) -> None:
-  """One per-source value: a string prefix or an integer length of at least MIN_LEN."""
-  if field.endswith("_prefix"):
-    if not isinstance(value, str):
-      raise ValueError(f"{where}.{field} must be a string, got {type(value).__name__}.")
-  elif isinstance(value, bool) or not isinstance(value, int) or value < MIN_LEN:
-    raise ValueError(f"{where}.{field}={value!r} must be an integer >= {MIN_LEN}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +89,7 @@ class InputConfig:
       if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}; known: {list(SOURCE_FIELDS)}.")
       for field, value in fields.items():
-        _check_value(field, value, where)
+        dataset.check_option(f"{where}.{field}", field, value)
         if field.startswith("max_") and value > getattr(self, field):
           raise ValueError(f"{where}.{field}={value} exceeds input.{field}="
                            f"{getattr(self, field)}, the padded batch width; raise "
@@ -125,7 +116,7 @@ class InputConfig:
         if entry.get(field) is None:
           continue
         value = entry[field]
-        _check_value(field, value, f"{where} sources[{source!r}]")
+        dataset.check_option(f"{where} sources[{source!r}].{field}", field, value)
         if field.startswith("max_") and value > values[field]:
           logging.warning("%s gives source %r %s=%d; capped at input.%s=%d, the padded batch "
                           "width.", where, source, field, value, field, values[field])
