@@ -59,7 +59,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # weights, or a model folder (imported, upcycled) to start from.
   c.model = model
   # Architecture (see moe_embed/model/config.py). For a model folder, only the
-  # runtime fields (dtype, remat, moe_dispatch, capacity_factor, grouped_matmul) apply.
+  # runtime fields (dtype, remat, moe_dispatch, capacity_factor, grouped_matmul,
+  # expert_exchange) apply.
   c.encoder = encoder_fields(model)
   c.encoder.dtype = "bfloat16"  # Compute dtype; params, router and loss stay float32.
   # Tokenizer: '' = the model folder's, else the dataset's SentencePiece model.

@@ -1,4 +1,11 @@
-"""Expert parallelism: sharded experts and all_to_all token exchange equal one device."""
+"""Expert parallelism: sharded experts and all_to_all token exchange equal one device.
+
+Both token exchanges are checked: 'padded' (worst-case all_to_all buffers) and
+'ragged' (exact-size slices). XLA:CPU has no ragged_all_to_all, so the ragged
+exchange runs here on `ragged_all_to_all_reference`, which is itself checked
+against a NumPy loop over the collective's documented semantics; the native
+collective is checked to lower, forward and backward.
+"""
 
 import flax.linen as nn
 import jax
@@ -10,16 +17,19 @@ from configs import finetune
 from moe_embed import partitioning
 from moe_embed.model import config as model_config
 from moe_embed.model.encoder import EmbeddingModel, init_params
+from moe_embed.moe import expert_parallel, experts, routing
 from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import state as state_lib
 from moe_embed.train import step as step_lib
 from tests.test_train_step import _assert_trees_close, _batch, _plain, _setup
 
 
-@pytest.mark.parametrize("expert", [4, 8])
-def test_expert_parallel_loss_and_grads_equal_single_device(expert):
+@pytest.mark.parametrize("expert,exchange", [(4, "padded"), (8, "padded"), (4, "ragged")])
+def test_expert_parallel_loss_and_grads_equal_single_device(expert, exchange):
   config, model, params, cfg = _setup(learn_temperature=True, load_balancing_coef=1.0,
                                       z_loss_coef=1e-3)
+  config = config.replace(expert_exchange=exchange)
+  model = EmbeddingModel(config)
   batch = _batch(config, n=2, seed=5)
   loss1, extras1, grads1 = _plain(model, config, cfg, params, batch)
   emb1, _ = jax.jit(lambda p: model.apply({"params": p["model"]}, batch["query_ids"],
@@ -99,3 +109,154 @@ def test_expert_parallelism_follows_the_logical_axis_rules(rules, exchanges):
   w1 = sharded["model"]["encoder"]["layer_1"]["mlp"]["w1"]
   assert w1.addressable_shards[0].data.shape[0] == config.num_experts // (4 if exchanges else 1)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def _ragged_all_to_all_numpy(per_device):
+  """The documented semantics of ragged_all_to_all, one device after another.
+
+  per_device: a list over devices of (operand, output, input_offsets, send_sizes,
+  output_offsets, recv_sizes) NumPy arrays -> the list of results.
+  """
+  results = [np.array(args[1]) for args in per_device]
+  for src, (operand, _, input_offsets, send_sizes, output_offsets, _) in enumerate(per_device):
+    for dst in range(len(per_device)):
+      size = send_sizes[dst]
+      piece = operand[input_offsets[dst]:input_offsets[dst] + size]
+      results[dst][output_offsets[dst]:output_offsets[dst] + size] = piece
+  return results
+
+
+def _run_reference(per_device, mesh_axis="expert"):
+  """ragged_all_to_all_reference under shard_map on len(per_device) devices."""
+  n = len(per_device)
+  mesh = jax.make_mesh((n,), (mesh_axis,), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  stacked = [np.concatenate([np.asarray(d[i]) for d in per_device]) for i in range(6)]
+  spec = jax.sharding.PartitionSpec(mesh_axis)
+
+  def local(*args):
+    return expert_parallel.ragged_all_to_all_reference(*args, axis_name=mesh_axis)
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec))
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(a, jax.NamedSharding(mesh, spec)) for a in stacked]
+    out = np.asarray(fn(*args))
+    # d sum(out * c) / d operand: each sent row gets the c of the row it lands on.
+    c = np.random.default_rng(1).normal(size=out.shape).astype(np.float32)
+    grads = jax.grad(lambda op, o: jnp.sum(fn(op, o, *args[2:]) * c), argnums=(0, 1))(*args[:2])
+  return np.split(out, n), [np.split(np.asarray(g), n) for g in grads], np.split(c, n)
+
+
+def test_ragged_all_to_all_reference_matches_the_documented_example():
+  """The two-device example of jax.lax.ragged_all_to_all's docstring."""
+  i32 = lambda *v: np.asarray(v, np.int32)
+  f32 = lambda *v: np.asarray(v, np.float32)
+  per_device = [
+      (f32(1, 2, 2), f32(0, 0, 0, 0), i32(0, 1), i32(1, 2), i32(0, 0), i32(1, 1)),
+      (f32(3, 4, 0), f32(0, 0, 0, 0), i32(0, 1), i32(1, 1), i32(1, 2), i32(2, 1)),
+  ]
+  got, _, _ = _run_reference(per_device)
+  np.testing.assert_array_equal(got[0], [1, 3, 0, 0])
+  np.testing.assert_array_equal(got[1], [2, 2, 4, 0])
+
+
+def test_ragged_all_to_all_reference_matches_numpy_and_its_gradient():
+  """Random ragged slices on 4 devices, output rows pre-filled; values and gradients."""
+  n, rows, width, capacity = 4, 6, 3, 20
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(0, 3, size=(n, n)).astype(np.int32)  # sizes[src, dst]
+  sizes[0, 1] = 0  # An empty slice.
+  per_device = []
+  for src in range(n):
+    gaps = rng.integers(0, 2, size=n)  # Padding between slices in the operand.
+    input_offsets = np.cumsum(gaps + sizes[src]) - sizes[src]
+    # On each destination, sources land in order after a gap of 1 row.
+    output_offsets = np.asarray([1 + sizes[:src, dst].sum() + src for dst in range(n)])
+    recv_sizes = sizes[:, src]
+    per_device.append((rng.normal(size=(rows + 2 * n, width)).astype(np.float32),
+                       np.full((capacity, width), -7, np.float32),
+                       input_offsets.astype(np.int32), sizes[src].copy(),
+                       output_offsets.astype(np.int32), recv_sizes.astype(np.int32)))
+  got, (d_operand, d_output), c = _run_reference(per_device)
+  want = _ragged_all_to_all_numpy(per_device)
+  for dev in range(n):
+    np.testing.assert_array_equal(got[dev], want[dev])
+  # Gradients from the same semantics: rows written are overwritten in `output`,
+  # and each sent operand row receives the cotangent of the row it was written to.
+  for src in range(n):
+    operand, output, input_offsets, send_sizes, output_offsets, _ = per_device[src]
+    want_d_operand = np.zeros_like(operand)
+    for dst in range(n):
+      for r in range(send_sizes[dst]):
+        want_d_operand[input_offsets[dst] + r] = c[dst][output_offsets[dst] + r]
+    np.testing.assert_allclose(d_operand[src], want_d_operand, rtol=1e-6)
+    written = want[src] != output
+    np.testing.assert_allclose(d_output[src], np.where(written, 0, c[src]), rtol=1e-6)
+
+
+def _routing_problem(skewed: bool, seed: int = 0, t=48, d=8, f=16, e=8, k=2):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(d, e)), jnp.float32)
+  valid = jnp.asarray(rng.random(t) > 0.25)
+  route = routing.route(x, kernel, valid, k, False)
+  if skewed:  # Every assignment to the first two experts: the worst case for one device.
+    choice = np.tile(np.arange(k, dtype=np.int32), (t, 1))
+    route = routing.Routing(jnp.asarray(choice), route.weights, route.probs, route.logits,
+                            route.valid)
+  weights = [jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)
+             for s in [(e, d, f), (e, f, d), (e, d, f), (e, f)]]
+  return x, route, weights
+
+
+@pytest.mark.parametrize("expert", [2, 8])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_ragged_exchange_equals_padded_and_one_device(expert, skewed):
+  """SwiGLU experts with a w1 bias, padding tokens; forward and gradients."""
+  x, route, (w1, w2, w3, bias) = _routing_problem(skewed)
+
+  def loss(fn):
+    return lambda x, w1, w2, w3, bias: jnp.sum(jnp.sin(fn(x, w1, w2, w3, bias)))
+
+  local = lambda x, w1, w2, w3, bias: experts.dropless_experts(x, route, w1, w2, w3, bias)
+  want = local(x, w1, w2, w3, bias)
+  want_grads = jax.grad(loss(local), argnums=range(5))(x, w1, w2, w3, bias)
+  mesh = partitioning.make_mesh(data=-1, expert=expert)
+  where = expert_parallel.Placement(mesh, ("expert",), ("data", "expert"))
+  with partitioning.mesh_context(mesh):
+    for exchange in expert_parallel.EXCHANGES:
+      sharded = lambda x, w1, w2, w3, bias: expert_parallel.dropless(
+          x, route, w1, w2, w3, bias, where=where, exchange=exchange)
+      got = jax.jit(sharded)(x, w1, w2, w3, bias)
+      grads = jax.jit(jax.grad(loss(sharded), argnums=range(5)))(x, w1, w2, w3, bias)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6,
+                                 err_msg=exchange)
+      for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
+                                   err_msg=exchange)
+
+
+def test_native_ragged_all_to_all_lowers_forward_and_backward():
+  """What a GPU or TPU runs: the exchange through jax.lax.ragged_all_to_all itself."""
+  x, route, (w1, w2, _, _) = _routing_problem(False)
+  mesh = partitioning.make_mesh(data=-1, expert=4)
+  where = expert_parallel.Placement(mesh, ("expert",), ("data", "expert"))
+  fn = lambda x, w1, w2: jnp.sum(expert_parallel.dropless(
+      x, route, w1, w2, where=where, exchange="ragged", native_ragged=True) ** 2)
+  with partitioning.mesh_context(mesh):
+    forward = jax.jit(fn).lower(x, w1, w2).as_text()
+    backward = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).lower(x, w1, w2).as_text()
+  # Two exchanges forward (there and back), and their two transposes backward.
+  assert forward.count('custom_call @ragged_all_to_all(') == 2
+  assert backward.count('custom_call @ragged_all_to_all(') == 4
+
+
+def test_exchange_choice_by_backend_and_bad_names():
+  assert expert_parallel.exchange_for_backend("auto", "cpu") == "padded"
+  assert expert_parallel.exchange_for_backend("auto", "gpu") == "ragged"
+  assert expert_parallel.exchange_for_backend("auto", "tpu") == "ragged"
+  assert expert_parallel.exchange_for_backend("padded", "tpu") == "padded"
+  with pytest.raises(ValueError, match="expert_exchange='raged'"):
+    expert_parallel.exchange_for_backend("raged")
+  with pytest.raises(ValueError, match="expert_exchange='raged' is not one of"):
+    model_config.preset("tiny", expert_exchange="raged")

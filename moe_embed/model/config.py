@@ -46,6 +46,10 @@ class EncoderConfig:
   capacity_factor: float = 1.25  # Only for moe_dispatch='capacity'.
   # Grouped-matmul kernel of the dropless path; 'auto' picks per backend.
   grouped_matmul: str = "auto"
+  # Token exchange under expert parallelism: 'ragged' (exact-size slices with
+  # ragged_all_to_all), 'padded' (worst-case all_to_all buffers) or 'auto'
+  # (ragged on GPU and TPU, padded on CPU, which lacks the collective).
+  expert_exchange: str = "auto"
   router_init_std: float = 0.02
   initializer_range: float = 0.02
   projection_dim: int = 0  # Optional linear head after pooling; 0 = none.
@@ -58,6 +62,7 @@ class EncoderConfig:
     _check_choice("norm", self.norm, ("post", "pre"))
     _check_choice("mlp_activation", self.mlp_activation, ("gelu", "swiglu"))
     _check_choice("moe_dispatch", self.moe_dispatch, ("dropless", "capacity"))
+    _check_choice("expert_exchange", self.expert_exchange, ("auto", "padded", "ragged"))
     _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     if self.hidden_size % self.num_heads:
       raise ValueError(
@@ -108,7 +113,8 @@ class EncoderConfig:
 
 # Fields that change how the model runs, not what it computes; they may be
 # overridden when training starts from a model folder.
-RUNTIME_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "grouped_matmul")
+RUNTIME_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "grouped_matmul",
+                  "expert_exchange")
 
 
 def _field_names() -> list[str]:

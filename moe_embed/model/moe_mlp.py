@@ -4,8 +4,8 @@ Replaces the dense MLP in every MoE layer of the encoder. The experts compute
 w2^T act(w1 x [+ w1_bias]); their k outputs are summed with the router weights
 and one shared output bias is added, as in the released model. The dispatch
 path is `config.moe_dispatch`: 'dropless' (local, or expert-parallel when the
-logical-axis rules put 'exp' on mesh axes of more than one device) or
-'capacity'.
+logical-axis rules put 'exp' on mesh axes of more than one device, exchanging
+tokens as `config.expert_exchange` says) or 'capacity'.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class MoeMlp(nn.Module):
       where = _expert_placement(flat.shape[0])
       if where is not None:
         y = expert_parallel.dropless(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
-                                     where=where, kernel=kernel_name)
+                                     where=where, kernel=kernel_name,
+                                     exchange=expert_parallel.exchange_for_backend(
+                                         cfg.expert_exchange))
       else:
         y = experts.dropless_experts(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
                                      kernel_name)
