@@ -11,8 +11,14 @@ Run by benchmarks/accelerator_check.sh on a GPU or TPU host. In order:
    and gradients, float32 at 'highest' matmul precision.
 2. EP == one device: the plain train step's loss and gradients with the experts
    sharded over all local devices (mesh data x expert, expert = the largest
-   divisor of 8 that divides the device count) against one device. Skipped,
+   divisor of 8 that divides the device count) against one device, with each
+   token exchange ('padded' all_to_all, 'ragged' ragged_all_to_all). Skipped,
    and said so, on a one-device host.
+2b. The ragged exchange on the backend's own `jax.lax.ragged_all_to_all` (even
+   over a single device) against `ragged_all_to_all_reference` and against
+   local experts, on a nomic-width MoE block with random and with skewed
+   routing: outputs and gradients. On CPU (no such collective) it runs the
+   reference alone and says so.
 3. The train step of nomic_v2_moe (12 layers, 768 wide, 8 experts top-2 on 6
    layers, vocabulary 250,048) at --seq tokens in --dtype, data-parallel over
    all local devices: step time, tokens/s and MFU against the bf16 matmul peak
@@ -43,6 +49,7 @@ from moe_embed import partitioning
 from moe_embed.model import config as model_config
 from moe_embed.model.encoder import EmbeddingModel, init_params
 from moe_embed.model.moe_mlp import MoeMlp
+from moe_embed.moe import expert_parallel, experts, grouped_matmul, routing
 from moe_embed.train import step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -138,28 +145,83 @@ def check_expert_parallel(smoke: bool, failures: list) -> dict:
     mask = np.arange(length) < rng.integers(4, length + 1, (b, 1))
     batch[f"{key}_ids"] = np.where(mask, ids, config.pad_token_id).astype(np.int32)
     batch[f"{key}_mask"] = mask.astype(np.int32)
-  fn = jax.jit(lambda p, x: step_lib.plain_loss_and_grads(model, config, cfg, p, x))
+  step = lambda config: jax.jit(lambda p, x: step_lib.plain_loss_and_grads(
+      EmbeddingModel(config), config, cfg, p, x))
+  out = {"expert": ep}
   with jax.default_matmul_precision("highest"):
     single = jax.device_put((params, batch), devices[0])
-    loss1, _, grads1 = fn(*single)
+    loss1, _, grads1 = step(config)(*single)
     mesh = partitioning.make_mesh(-1, ep, devices)
+    out["data"] = int(mesh.shape["data"])
     rules = partitioning.DEFAULT_RULES
-    with partitioning.activate(mesh, rules):
-      boxed = jax.eval_shape(lambda: {"model": init_params(config, jax.random.PRNGKey(0)),
-                                      "log_temperature": jnp.zeros(())})
-      sharded = jax.device_put(params, partitioning.logical_shardings(boxed, mesh, rules))
-      data = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
-      loss2, _, grads2 = fn(sharded, data)
-      exchanges = "all-to-all" in fn.lower(sharded, data).compile().as_text()
+    for exchange in expert_parallel.EXCHANGES:
+      fn = step(config.replace(expert_exchange=exchange))
+      with partitioning.activate(mesh, rules):
+        boxed = jax.eval_shape(lambda: {"model": init_params(config, jax.random.PRNGKey(0)),
+                                        "log_temperature": jnp.zeros(())})
+        sharded = jax.device_put(params, partitioning.logical_shardings(boxed, mesh, rules))
+        data = jax.device_put(batch, partitioning.batch_sharding(mesh, rules))
+        loss2, _, grads2 = fn(sharded, data)
+        exchanges = "all-to-all" in fn.lower(sharded, data).compile().as_text()
+      n = len(failures)
+      if not exchanges:
+        failures.append(f"EP ({exchange}): the compiled step has no all-to-all")
+      _close(f"EP ({exchange}) loss", loss2, loss1, 1e-4, 1e-6, failures)
+      err = _close(f"EP ({exchange}) gradients", grads2["model"], grads1["model"], 1e-4, 1e-5,
+                   failures)
+      ok = len(failures) == n
+      print(f"[2] EP ({mesh.shape['data']} data x {ep} expert, {exchange} exchange) == one "
+            f"device: {'ok' if ok else 'FAILED'} (worst gradient error / tolerance {err:.2g})",
+            flush=True)
+      out[exchange] = {"ok": ok, "grad_error_ratio": err}
+  out["ok"] = all(out[e]["ok"] for e in expert_parallel.EXCHANGES)
+  return out
+
+
+def check_ragged_exchange(smoke: bool, failures: list) -> dict:
+  """Stage 2b: the native ragged_all_to_all exchange == its reference == local experts."""
+  devices = jax.local_devices()
+  native = jax.default_backend() in expert_parallel.NATIVE_RAGGED_BACKENDS
+  e, k = 8, 2
+  d, f = (64, 128) if smoke else (768, 3072)
+  ep = max(n for n in range(1, e + 1) if e % n == 0 and len(devices) % n == 0)
+  t = 64 * len(devices)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  valid = jnp.asarray(rng.random(t) > 0.1)
+  w1, w2 = (jnp.asarray(rng.normal(size=s) / math.sqrt(s[1]), jnp.float32)
+            for s in [(e, d, f), (e, f, d)])
+  random_route = routing.route(x, jnp.asarray(rng.normal(size=(d, e)), jnp.float32), valid, k,
+                               False)
+  # Skewed: every token to experts 0 and 1, which live on one device.
+  skewed_route = routing.Routing(jnp.tile(jnp.arange(k, dtype=jnp.int32), (t, 1)),
+                                 random_route.weights, random_route.probs, random_route.logits,
+                                 valid)
+  kernel = grouped_matmul.kernel_for_backend("auto")
+  mesh = partitioning.make_mesh(-1, ep, devices)
+  where = expert_parallel.Placement(mesh, ("expert",), ("data", "expert"))
   n = len(failures)
-  if not exchanges:
-    failures.append("EP: the compiled step has no all-to-all")
-  _close("EP loss", loss2, loss1, 1e-4, 1e-6, failures)
-  err = _close("EP gradients", grads2["model"], grads1["model"], 1e-4, 1e-5, failures)
+  worst = 0.0
+  with jax.default_matmul_precision("highest"), partitioning.mesh_context(mesh):
+    for name, route in (("random", random_route), ("skewed", skewed_route)):
+      def loss(fn):
+        return jax.jit(jax.value_and_grad(
+            lambda x, w1, w2: jnp.sum(jnp.sin(fn(x, w1, w2))), argnums=(0, 1, 2)))
+
+      want = loss(lambda x, w1, w2: experts.dropless_experts(x, route, w1, w2,
+                                                             kernel=kernel))(x, w1, w2)
+      paths = {"reference": False} | ({"native": True} if native else {})
+      for path, use_native in paths.items():
+        got = loss(lambda x, w1, w2: expert_parallel.dropless(
+            x, route, w1, w2, where=where, kernel=kernel, exchange="ragged",
+            native_ragged=use_native))(x, w1, w2)
+        worst = max(worst, _close(f"ragged exchange ({path}, {name} routing)", got, want,
+                                  1e-4, 1e-5, failures))
   ok = len(failures) == n
-  print(f"[2] EP ({mesh.shape['data']} data x {ep} expert) == one device: "
-        f"{'ok' if ok else 'FAILED'} (worst gradient error / tolerance {err:.2g})", flush=True)
-  return {"ok": ok, "expert": ep, "data": int(mesh.shape["data"]), "grad_error_ratio": err}
+  used = "ragged_all_to_all" if native else "the all_to_all reference only (no native collective)"
+  print(f"[2b] ragged exchange over {ep} device(s), {used}, == local experts: "
+        f"{'ok' if ok else 'FAILED'} (worst error / tolerance {worst:.2g})", flush=True)
+  return {"ok": ok, "native": native, "expert": ep, "error_ratio": worst}
 
 
 def _build(config, params, b, seq, mesh):
@@ -254,6 +316,7 @@ def main(argv):
             "devices": jax.device_count(), "jax": jax.__version__}
   result["ragged_dot_vs_capacity"] = check_ragged_dot_vs_capacity(smoke, failures)
   result["expert_parallel"] = check_expert_parallel(smoke, failures)
+  result["ragged_exchange"] = check_ragged_exchange(smoke, failures)
   result["train_step"] = train_step_throughput(smoke)
   result["failures"] = failures
   result["seconds"] = round(time.perf_counter() - start, 1)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The accelerator check, on one GPU or TPU host, in under 8 minutes on one H100/H200:
 #   1. correctness: ragged_dot dropless == capacity path with ample capacity; expert
-#      parallelism over all local devices == one device (skipped on one device);
+#      parallelism over all local devices == one device, padded and ragged exchange
+#      (skipped on one device); the ragged exchange on the backend's ragged_all_to_all
+#      == its all_to_all reference == local experts (runs on one device too);
 #   2. the train step of the nomic_v2_moe preset at sequence 512 in bfloat16: tokens/s
 #      and MFU against the bf16 matmul peak measured in the same process;
 #   3. one MoE block (nomic width): the dropless kernel (ragged_dot) against the
