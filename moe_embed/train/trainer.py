@@ -66,14 +66,19 @@ class _Evaluator:
                param_shardings, writer: MetricWriter):
     from moe_embed import inference
     self.config, self.beir_dirs, self.writer = config, beir_dirs, writer
+    self._last: tuple[int, dict[str, Any]] | None = None  # (step, results)
     self.embedder = inference.Embedder(
         encoder_config, None, tokenizer, max_length=config.eval.max_length,
         query_prefix=config.input.query_prefix, doc_prefix=config.input.doc_prefix,
         mesh=mesh, rules=rules, param_shardings=param_shardings)
 
   def __call__(self, step: int, model_params) -> dict[str, Any]:
+    """Scores the parameters of `step`; a step already scored (the last periodic
+    evaluation is also the final one) returns its results again."""
     if not self.beir_dirs:
       return {}
+    if self._last is not None and self._last[0] == step:
+      return self._last[1]
     from moe_embed.evaluation import evaluate_beir
     self.embedder.params = model_params
     try:
@@ -83,6 +88,7 @@ class _Evaluator:
       self.embedder.params = None  # The next train step donates these buffers.
     self.writer.write(step, {f"eval/{name}/{k}": v for name, r in results.items()
                              for k, v in r.items() if isinstance(v, (int, float))})
+    self._last = (step, results)
     return results
 
 
