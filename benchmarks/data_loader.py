@@ -47,7 +47,7 @@ def main(argv):
     source, records = it.records_at(state)
     read_s += time.perf_counter() - start
     start = time.perf_counter()
-    it.tokenize(records)
+    it.tokenize(records, source)
     tok_s += time.perf_counter() - start
     state["cursors"][source] += _BATCH.value
     state["step"] += 1
