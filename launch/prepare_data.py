@@ -83,7 +83,8 @@ def main(argv):
     cut = info.get("truncated", {}).get(source)
     if cut:
       line += (f"   truncated of the first {cut['sampled']}: {cut['queries']} queries "
-               f"(> {_MAX_QUERY.value}), {cut['documents']} documents (> {_MAX_DOC.value})")
+               f"(> {cut['max_query_len']}), {cut['documents']} documents "
+               f"(> {cut['max_doc_len']})")
     print(line)
   print(f"Read {report.read} valid records; dropped {report.duplicates} duplicate pairs; "
         f"skipped {report.malformed} malformed lines.")

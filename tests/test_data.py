@@ -80,19 +80,26 @@ def test_dataset_is_a_tfds_dataset_and_empty_input_is_an_error(tmp_path):
 
 
 def test_prepare_data_launcher(tmp_path):
-  _write_jsonl(tmp_path / "in.jsonl", _records({"x": 40}), extra_lines=['{"query": 1}'])
+  _write_jsonl(tmp_path / "in.jsonl", _records({"x": 40, "y": 30}),
+               extra_lines=['{"query": 1}'])
   proc = subprocess.run([sys.executable, "launch/prepare_data.py", f"--input={tmp_path}/in.jsonl",
                          f"--output={tmp_path}/ds", "--train_tokenizer_vocab=120",
-                         "--max_query_len=4", "--max_doc_len=512"],
+                         "--max_query_len=4", "--max_doc_len=512",
+                         '--source_prefixes={"y": {"max_query_len": 256}}'],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "Wrote 40 examples" in proc.stdout and "skipped 1 malformed" in proc.stdout
-  assert "in.jsonl:41: missing or empty 'query'" in proc.stdout
+  assert "Wrote 70 examples" in proc.stdout and "skipped 1 malformed" in proc.stdout
+  assert "in.jsonl:71: missing or empty 'query'" in proc.stdout
   assert os.path.exists(tmp_path / "ds" / "tokenizer.model")
-  # Every query is longer than 2 pieces; no document reaches 510.
+  # Every query is longer than 2 pieces; no document reaches 510; y's own length cuts none.
   assert "truncated of the first 40: 40 queries (> 4), 0 documents (> 512)" in proc.stdout
+  assert "truncated of the first 30: 0 queries (> 256), 0 documents (> 512)" in proc.stdout
   info = dataset.read_info(str(tmp_path / "ds"))
-  assert info["truncated"] == {"x": {"sampled": 40, "queries": 40, "documents": 0}}
+  assert info["truncated"] == {
+      "x": {"sampled": 40, "queries": 40, "documents": 0, "max_query_len": 4,
+            "max_doc_len": 512},
+      "y": {"sampled": 30, "queries": 0, "documents": 0, "max_query_len": 256,
+            "max_doc_len": 512}}
   missing = subprocess.run([sys.executable, "launch/prepare_data.py", "--input=/no/such.jsonl",
                             f"--output={tmp_path}/x"], cwd=REPO, capture_output=True, text=True)
   assert missing.returncode != 0 and "/no/such.jsonl does not exist" in missing.stderr

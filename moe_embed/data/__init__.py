@@ -50,9 +50,10 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
   lengths stay training options; benchmarks/data_loader.py measures the cost).
   `source_prefixes` (a JSON object, a path to one, or a dict) stores per-source
   query_prefix / doc_prefix / max_query_len / max_doc_len in dataset_info.json.
-  With a tokenizer and max_query_len / max_doc_len, info["truncated"] reports
-  per source how many of the first `TRUNCATION_SAMPLE` queries and documents
-  those lengths would cut. `runner` or `beam_options` (Beam pipeline options,
+  With a tokenizer and max_query_len / max_doc_len (or per-source lengths),
+  info["truncated"] reports per source how many of the first `TRUNCATION_SAMPLE`
+  queries and documents those lengths (a source's own, where it has them, with
+  its own prefixes) would cut. `runner` or `beam_options` (Beam pipeline options,
   "runner=DataflowRunner,project=...") prepare with Apache Beam (`beam_prepare`).
   """
   files = jsonl.expand_inputs(inputs)
@@ -86,7 +87,9 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
                                      source_options)
       if tokenizer_path and not tokenizer_path.endswith(".json"):
         dataset.store_tokenizer(folder, tokenizer_path, info)
-      if tokenizer_path and (max_query_len or max_doc_len):
+      own_lengths = any(k in entry for entry in info["sources"].values()
+                        for k in ("max_query_len", "max_doc_len"))
+      if tokenizer_path and (max_query_len or max_doc_len or own_lengths):
         info["truncated"] = truncation_stats(os.fspath(folder), info["sources"],
                                              tokenizer_path, max_query_len, max_doc_len)
       return info
@@ -100,7 +103,12 @@ TRUNCATION_SAMPLE = 10_000
 
 def truncation_stats(data_dir: str, sources: Mapping[str, dict], tokenizer_path: str,
                      max_query_len: int, max_doc_len: int) -> dict[str, dict[str, int]]:
-  """Per source of info["sources"]: {"sampled", "queries", "documents"} cut at the lengths."""
+  """Per source of info["sources"]: {"sampled", "queries", "documents", "max_query_len",
+  "max_doc_len"}: how many texts the lengths cut (0: not checked).
+
+  A source's own max_*_len and prefixes (--source_prefixes) replace the global
+  lengths and the empty prefix, as they do in training.
+  """
   from moe_embed.tokenizers import load_tokenizer
   tok = load_tokenizer(tokenizer_path)
   splits = dataset.open_splits(data_dir)
@@ -108,11 +116,14 @@ def truncation_stats(data_dir: str, sources: Mapping[str, dict], tokenizer_path:
   for source, entry in sources.items():
     reader = dataset.SourceReader(data_dir, entry, splits)
     records = reader.read(list(range(min(len(reader), TRUNCATION_SAMPLE))))
-    stats[source] = {"sampled": len(records), "queries": 0, "documents": 0}
-    if max_query_len:
-      stats[source]["queries"] = tok.encode([r["query"] for r in records], max_query_len)[1]
-    if max_doc_len:
-      stats[source]["documents"] = tok.encode([r["document"] for r in records], max_doc_len)[1]
+    lengths = {"query": entry.get("max_query_len", max_query_len),
+               "doc": entry.get("max_doc_len", max_doc_len)}
+    stats[source] = {"sampled": len(records), "queries": 0, "documents": 0,
+                     "max_query_len": lengths["query"], "max_doc_len": lengths["doc"]}
+    for side, key, count in (("query", "query", "queries"), ("doc", "document", "documents")):
+      if lengths[side]:
+        prefix = entry.get(f"{side}_prefix", "")
+        stats[source][count] = tok.encode([prefix + r[key] for r in records], lengths[side])[1]
   return stats
 
 
