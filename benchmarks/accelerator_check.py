@@ -32,7 +32,6 @@ timing stage still runs so the numbers come back with the failure.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -53,6 +52,7 @@ from moe_embed.moe import expert_parallel, experts, grouped_matmul, routing
 from moe_embed.train import step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
 import step_bench as ts  # noqa: E402  (benchmarks/step_bench.py)
 
 _JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this file.")
@@ -133,7 +133,6 @@ def check_expert_parallel(smoke: bool, failures: list) -> dict:
   if ep < 2:
     print(f"[2] EP == one device: skipped ({len(devices)} local device)", flush=True)
     return {"ok": None, "skipped": f"{len(devices)} local device"}
-  model = EmbeddingModel(config)
   params = {"model": nn.meta.unbox(init_params(config, jax.random.PRNGKey(0))),
             "log_temperature": jnp.asarray(math.log(0.05), jnp.float32)}
   cfg = step_lib.LossConfig(learn_temperature=True, load_balancing_coef=1.0, z_loss_coef=1e-3)
@@ -320,9 +319,7 @@ def main(argv):
   result["train_step"] = train_step_throughput(smoke)
   result["failures"] = failures
   result["seconds"] = round(time.perf_counter() - start, 1)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
+  report.write_json(_JSON.value, result)
   for failure in failures:
     print("FAILED:", failure)
   print(f"{'FAILED' if failures else 'ok'} in {result['seconds']:.0f} s")

@@ -19,8 +19,8 @@ sentence-transformers.
 
 import importlib
 import inspect
-import json
 import os
+import sys
 import tempfile
 import time
 
@@ -29,6 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
 
 _NUM_TEXTS = flags.DEFINE_integer("num_texts", 2000, "Texts to encode per pass.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Texts per batch (both encoders).")
@@ -140,9 +143,7 @@ def main(argv):
         f"{result['exported_min_cosine']:.7f})")
   print(f"speedup {result['speedup']:.2f}x; agreement: min cosine {result['min_cosine']:.7f}, "
         f"max abs diff {result['max_abs_diff']:.2e}")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
+  report.write_json(_JSON.value, result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ over the 1x value of the same setting. GradCache's promise is vs_1x near 1.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -32,6 +31,7 @@ from absl import flags
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
 import step_bench as ts  # noqa: E402  (benchmarks/step_bench.py)
 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
@@ -85,10 +85,7 @@ def main(argv):
   if 1 in on and 4 in on:
     print(f"GradCache peak at 4x / 1x = {on[4]['total_gb'] / on[1]['total_gb']:.3f} "
           "(target <= 1.15)")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(rows, f, indent=2)
-    print(f"Wrote {len(rows)} rows to {_JSON.value}")
+  report.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":

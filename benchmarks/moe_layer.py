@@ -35,8 +35,9 @@ backend only: the fastest grouped-matmul kernel differs between CPU and
 GPU/TPU (`grouped_matmul='auto'`).
 """
 
-import json
 import math
+import os
+import sys
 import time
 
 from absl import app
@@ -49,6 +50,9 @@ import numpy as np
 from moe_embed.model import config as model_config
 from moe_embed.model import layers
 from moe_embed.model import moe_mlp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
 
 PATHS = ("dropless", "dropless_tiled", "capacity", "dropless_ragged_dot")
 SEQ = 128
@@ -170,16 +174,9 @@ def main(argv):
           notes += f"; median of {moe_runs} (moe) / {dense_runs} (dense) runs"
         print(f"{d:6d} {tokens:7d} {path:>20s} {moe_ms:9.1f} {dense_ms:9.1f} "
               f"{row['ratio']:6.2f}  {notes}", flush=True)
-        _write(rows)  # After every row, so that an interrupted run keeps its rows.
-  _write(rows)
-  if _JSON.value:
-    print(f"Wrote {len(rows)} rows to {_JSON.value}")
-
-
-def _write(rows: list[dict]) -> None:
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(rows, f, indent=2)
+        # After every row, so that an interrupted run keeps its rows.
+        report.write_json(_JSON.value, rows, quiet=True)
+  report.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ["in_process", "beam_direct", "beam_portable"]
 
@@ -209,10 +212,7 @@ def main(argv):
       servers.close()
     if not _WORKDIR.value:
       shutil.rmtree(workdir, ignore_errors=True)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(rows, f, indent=2)
-    print(f"Wrote {len(rows)} rows to {_JSON.value}")
+  report.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ timed on their own here.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -58,6 +57,7 @@ from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
 import step_bench as ts  # noqa: E402  (benchmarks/step_bench.py)
 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
@@ -253,10 +253,7 @@ def main(argv):
       step()
     jax.profiler.stop_trace()
     print(f"Wrote a profiler trace of 3 steps to {_TRACE_DIR.value}")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(rows, f, indent=2)
-    print(f"Wrote {len(rows)} rows to {_JSON.value}")
+  report.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":

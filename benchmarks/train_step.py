@@ -36,7 +36,6 @@ dense_active step_ms with the same GradCache setting.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -46,6 +45,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
 from step_bench import (MODELS, Runner, build_step, make_batch, measure_peak,  # noqa: E402
                         memory_gb, model_configs, model_params, param_counts, peak_runner,
                         step_model_flops, step_tokens)
@@ -144,10 +144,7 @@ def main(argv):
     print(f"{name:>12s} {b:5d} {seq:4d} {gc:>3s} {ms:9.1f} {row['tokens_per_s']:9.0f} "
           f"{mfu:6.1%} {ratio:6.2f} {meta['gb']:6.2f}")
   _report_targets(rows)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(rows, f, indent=2)
-    print(f"Wrote {len(rows)} rows to {_JSON.value}")
+  report.write_json(_JSON.value, rows)
 
 
 def _report_targets(rows: list[dict]) -> None:
