@@ -63,6 +63,9 @@ setuptools.setup(
             "sentence-transformers>=3,<7",
             "protobuf>=3.20",
         ],
+        # The ONNX graph of an exported folder (launch/export.py --format=onnx) and
+        # onnxruntime to run it and to write its int8 copy.
+        "onnx": ["onnx>=1.16,<2", "onnxruntime>=1.18,<2"],
         # MTEB tasks through our JAX encoder (launch/eval.py --mteb_tasks); the
         # benchmark the field reports, run by its own package.
         "mteb": ["mteb>=2.26,<3"],

@@ -4,7 +4,10 @@
   hf_import     BERT / XLM-RoBERTa / nomic-bert folders -> our parameter tree
   hf_export     our parameter tree -> the nomic-bert layout
   model_folder  model.json + weights: read, write, and `load_any` for --model
-  st_export     any model -> a sentence-transformers / transformers folder on plain PyTorch
+  onnx_export   our parameter tree -> an ONNX graph whose MoE layers stay sparse (top-k only)
+  st_export     any model -> a sentence-transformers / transformers folder on plain PyTorch,
+                optionally with that ONNX graph (float32, int8)
+  onnx_runtime  embeddings from such a folder's ONNX graph in onnxruntime
   modeling_moe_embed  the standalone PyTorch encoder copied into that folder (torch and
                 transformers only; never imported by the package)
 

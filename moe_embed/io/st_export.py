@@ -7,7 +7,8 @@ copy of `modeling_moe_embed.py`, tokenizer.json + tokenizer_config.json (a
 SentencePiece model is converted), and the sentence-transformers modules:
 Transformer, mean Pooling, Normalize, with the prefixes as the prompts
 'query' and 'document'. `hf_import.load_hf_folder` reads the folder back.
-torch is not needed to write it, only to load it.
+torch is not needed to write it, only to load it. With fmt='onnx' the folder
+also holds onnx/model.onnx (and onnx/model_qint8.onnx), see `onnx_export`.
 """
 
 from __future__ import annotations
@@ -142,12 +143,31 @@ def write_sentence_transformers_modules(out: str, config: EncoderConfig, *, max_
       "default_prompt_name": None, "similarity_fn_name": "cosine"})
 
 
+FORMATS = ("hf", "onnx")  # The folder; the folder plus onnx/model.onnx.
+QUANTIZE = ("int8",)  # onnx/model_qint8.onnx beside the float32 graph.
+
+
+def check_format(fmt: str, quantize: Optional[str]) -> None:
+  """A one-line error for an unknown format or quantization, or quantization without ONNX."""
+  if fmt not in FORMATS:
+    raise ValueError(f"format={fmt!r} is not one of {FORMATS}.")
+  if quantize is not None and quantize not in QUANTIZE:
+    raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZE}.")
+  if quantize and fmt != "onnx":
+    raise ValueError(f"quantize={quantize!r} quantizes the ONNX graph; export with "
+                     "format='onnx' (--format=onnx).")
+
+
 def export(params: Any, config: EncoderConfig, meta: dict, out: str, *,
-           matryoshka_dims: Optional[Sequence[int]] = None) -> None:
+           matryoshka_dims: Optional[Sequence[int]] = None, fmt: str = "hf",
+           quantize: Optional[str] = None) -> None:
   """Writes the folder for (params, config, meta) as `model_folder.load_any` returns them.
 
-  `out` may be a local path or any path etils.epath handles (gs://...).
+  `out` may be a local path or any path etils.epath handles (gs://...). With
+  fmt='onnx' the folder also holds onnx/model.onnx (`onnx_export`), and with
+  quantize='int8' onnx/model_qint8.onnx.
   """
+  check_format(fmt, quantize)
   params = nn.meta.unbox(params)
   bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(params)
          if not np.isfinite(np.asarray(x)).all()]
@@ -165,10 +185,16 @@ def export(params: Any, config: EncoderConfig, meta: dict, out: str, *,
     local = tempfile.mkdtemp(prefix="moe_embed_export_")
   else:
     parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+      raise NotADirectoryError(f"--out={out}: {parent} is a file, not a folder; choose "
+                               "another --out.")
     os.makedirs(parent, exist_ok=True)
     local = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
   try:
     _write_folder(local, params, config, dims, query_prefix, doc_prefix, max_length, meta)
+    if fmt == "onnx":
+      from moe_embed.io import onnx_export
+      onnx_export.write_onnx(local, params, config, quantize=quantize)
     if storage.is_remote(out):
       _copy_tree(local, out)
     else:
@@ -213,11 +239,13 @@ def matryoshka_dims_of(model_path: str) -> Optional[list[int]]:
 
 
 def export_model(model_path: str, out: str,
-                 matryoshka_dims: Optional[Sequence[int]] = None) -> dict:
+                 matryoshka_dims: Optional[Sequence[int]] = None, *, fmt: str = "hf",
+                 quantize: Optional[str] = None) -> dict:
   """Exports a workdir, native or Hugging Face folder; returns the written config.json."""
+  check_format(fmt, quantize)
   params, config, meta = model_folder.load_any(model_path)
   dims = matryoshka_dims or matryoshka_dims_of(model_path)
-  export(params, config, meta, out, matryoshka_dims=dims)
+  export(params, config, meta, out, matryoshka_dims=dims, fmt=fmt, quantize=quantize)
   return export_config_json(config, matryoshka_dims=dims or [config.embedding_dim],
                             query_prefix=meta.get("query_prefix", ""),
                             doc_prefix=meta.get("doc_prefix", ""))
