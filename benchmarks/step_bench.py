@@ -79,28 +79,14 @@ def make_batch(config: model_config.EncoderConfig, batch: int, seq: int, negativ
 
 def forward_flops_per_sequence(config: model_config.EncoderConfig, seq: int) -> float:
   """Matmul FLOPs of one forward pass over one sequence of `seq` real tokens."""
-  d, f = config.hidden_size, config.mlp_dim
-  per_token = 0.0
-  for i in range(config.num_layers):
-    per_token += 2 * 4 * d * d  # Q, K, V and output projections.
-    per_token += 2 * 2 * seq * d  # Scores q.k and the weighted sum of values.
-    mats = 3 if config.mlp_activation == "swiglu" else 2
-    if config.is_moe_layer(i):
-      per_token += 2 * mats * d * f * config.top_k + 2 * d * config.num_experts
-    else:
-      per_token += 2 * mats * d * f
-  if config.projection_dim:
-    per_token += 0  # Applied once per sequence, below.
-  return per_token * seq + 2 * d * config.projection_dim
+  return param_count.forward_flops(config, seq, seq)
 
 
 def step_model_flops(config: model_config.EncoderConfig, batch: int, seq: int,
                      negatives: int = 0) -> float:
-  """Model FLOPs of one train step: 3 x the forward matmuls, plus the loss logits."""
-  sequences = batch * (2 + negatives)
-  forward = sequences * forward_flops_per_sequence(config, seq)
-  logits = 2 * batch * batch * (1 + negatives) * config.embedding_dim
-  return 3.0 * (forward + logits)
+  """Model FLOPs of one train step (`param_count.train_step_flops`), queries and documents
+  of `seq` tokens."""
+  return param_count.train_step_flops(config, batch, seq, seq, negatives)
 
 
 def step_tokens(batch: dict) -> int:
@@ -117,13 +103,9 @@ def build_step(config: model_config.EncoderConfig, params, batch: dict, chunk: i
   state, _, state_shardings = state_lib.create_state(model, optimizer, mesh, rules, 0,
                                                      model_params=params)
   with partitioning.activate(mesh, rules):
-    batch_sharding = partitioning.batch_sharding(mesh, rules)
-    constrain = lambda tree: jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
-    step_fn = step_lib.make_train_step(model, optimizer, step_lib.LossConfig(), schedule,
-                                       chunk, partitioning.batch_shards(mesh, rules), constrain)
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, None), donate_argnums=(0,))
+    jitted, batch_sharding = step_lib.jit_train_step(
+        model, optimizer, step_lib.LossConfig(), schedule, chunk, mesh, rules,
+        state_shardings)
     data = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
     start = time.perf_counter()
     compiled = jitted.lower(state, data).compile()

@@ -75,19 +75,6 @@ def main(argv):
     sys.exit(cli.EXIT_PREEMPTED)  # Saved; a scheduler reruns the command to resume.
 
 
-def _resolve_config_path(argv: list[str]) -> list[str]:
-  """Lets `--config=configs/x.py:arg` work from any directory, not only the repo root."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = []
-  for arg in argv:
-    if arg.startswith("--config=") and not arg.startswith("--config.="):
-      path, sep, rest = arg[len("--config="):].partition(":")
-      if not os.path.exists(path) and os.path.exists(os.path.join(repo, path)):
-        arg = "--config=" + os.path.join(repo, path) + sep + rest
-    out.append(arg)
-  return out
-
-
 if __name__ == "__main__":
-  sys.argv = _resolve_config_path(sys.argv)
+  sys.argv = cli.resolve_config_path(sys.argv)
   cli.run(main)

@@ -164,3 +164,16 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def resolve_config_path(argv: list[str]) -> list[str]:
+  """Lets `--config=configs/x.py:arg` work from any directory, not only the repo root."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # Holds configs/.
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=") and not arg.startswith("--config.="):
+      path, sep, rest = arg[len("--config="):].partition(":")
+      if not os.path.exists(path) and os.path.exists(os.path.join(repo, path)):
+        arg = "--config=" + os.path.join(repo, path) + sep + rest
+    out.append(arg)
+  return out

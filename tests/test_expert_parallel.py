@@ -7,6 +7,8 @@ against a NumPy loop over the collective's documented semantics; the native
 collective is checked to lower, forward and backward.
 """
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -262,3 +264,23 @@ def test_exchange_choice_by_backend_and_bad_names():
     expert_parallel.exchange_for_backend("raged")
   with pytest.raises(ValueError, match="expert_exchange='raged' is not one of"):
     model_config.preset("tiny", expert_exchange="raged")
+
+
+def test_platform_comes_from_the_mesh_devices_not_the_host():
+  cpu_mesh = partitioning.make_mesh(-1, 1)
+  assert expert_parallel.mesh_platform(cpu_mesh) == "cpu"
+  seen = []
+  with partitioning.mesh_context(cpu_mesh):
+    jax.jit(lambda x: seen.append(expert_parallel.mesh_platform()) or x).lower(
+        jnp.ones(8)).compile()
+  assert seen == ["cpu"]
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Beside other jax processes.
+  tpu = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
+  tpu_mesh = partitioning.make_mesh(1, 4, devices=tpu)
+  assert jax.default_backend() == "cpu"
+  assert expert_parallel.mesh_platform(tpu_mesh) == "tpu"
+  assert expert_parallel.mesh_platform(tpu_mesh.abstract_mesh) == "tpu"
+  with partitioning.mesh_context(tpu_mesh):
+    assert expert_parallel.exchange_for_backend("auto") == "ragged"

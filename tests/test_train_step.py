@@ -85,7 +85,7 @@ def test_grad_cache_gradients_equal_plain_step(shards, chunk):
   mesh = partitioning.make_mesh(data=shards, expert=1, devices=jax.devices()[:shards])
   rules = partitioning.DEFAULT_RULES
   sharding = partitioning.batch_sharding(mesh, rules)
-  constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), t)
+  constrain = step_lib.batch_constraint(sharding)
   fn = jax.jit(lambda p, b: step_lib.grad_cache_loss_and_grads(
       model, config, cfg, p, b, chunk, shards, constrain))
   with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules):
@@ -120,3 +120,4 @@ def test_optimizer_decays_matrices_only_and_warms_up():
   for _ in range(11):
     updates, state = tx.update(zero, state, params)
   assert np.all(np.asarray(updates["w"]) < 0) and np.all(np.asarray(updates["b"]) == 0)
+

@@ -324,3 +324,21 @@ class TrainIterator:
 def make_train_iterator(data_dir: str, **kwargs) -> TrainIterator:
   """See TrainIterator; kwargs: inputs, tokenizer, global_batch_size, seed, ..."""
   return TrainIterator(data_dir, **kwargs)
+
+
+def batch_shapes(inputs: InputConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Key -> (shape, dtype) of the batches `TrainIterator` yields for `inputs`, `batch_size` rows.
+
+  What an ahead-of-time compile of the train step takes in place of data. With
+  num_negatives > 0 the negatives are included (data without them trains with
+  in-batch negatives only when negatives_required is False: a smaller step).
+  """
+  lq, ld, n = inputs.max_query_len, inputs.max_doc_len, inputs.num_negatives
+  out = {"query_ids": ((batch_size, lq), np.dtype(np.int32)),
+         "query_mask": ((batch_size, lq), np.dtype(bool)),
+         "doc_ids": ((batch_size, ld), np.dtype(np.int32)),
+         "doc_mask": ((batch_size, ld), np.dtype(bool))}
+  if n:
+    out["neg_ids"] = ((batch_size, n, ld), np.dtype(np.int32))
+    out["neg_mask"] = ((batch_size, n, ld), np.dtype(bool))
+  return out

@@ -78,13 +78,15 @@ class MoeMlp(nn.Module):
     cast = lambda w: None if w is None else w.astype(dtype)
     dropped = None
     if cfg.moe_dispatch == "dropless":
-      kernel_name = grouped_matmul.kernel_for_backend(cfg.grouped_matmul)
+      # Kernel and exchange for the devices of the mesh (not the host's backend).
+      platform = expert_parallel.mesh_platform()
+      kernel_name = grouped_matmul.kernel_for_backend(cfg.grouped_matmul, platform)
       where = _expert_placement(flat.shape[0])
       if where is not None:
         y = expert_parallel.dropless(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
                                      where=where, kernel=kernel_name,
                                      exchange=expert_parallel.exchange_for_backend(
-                                         cfg.expert_exchange))
+                                         cfg.expert_exchange, platform))
       else:
         y = experts.dropless_experts(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
                                      kernel_name)

@@ -1,4 +1,5 @@
-"""Parameter counts read from a parameter tree: total, and active per token.
+"""Parameter counts read from a parameter tree (total, and active per token), and
+the model FLOPs of a train step that MFU figures divide by.
 
 An expert parameter is one whose first logical axis is 'exp'; a token uses
 top_k of the num_experts slices of it, so it counts top_k / num_experts.
@@ -49,3 +50,33 @@ def count_active_params(boxed_params: Any, config: EncoderConfig) -> int:
 def abstract_params(config: EncoderConfig) -> Any:
   """Boxed parameter shapes of EmbeddingModel without allocating them."""
   return jax.eval_shape(lambda: encoder.init_params(config, jax.random.PRNGKey(0)))
+
+
+def forward_flops(config: EncoderConfig, tokens: float, seq: int) -> float:
+  """Matmul FLOPs of one forward pass over `tokens` real tokens in sequences of `seq`.
+
+  Per token: the Q, K, V and output projections, attention over `seq` keys, and
+  the (active) MLP; plus the projection head once per sequence. A batch of
+  n sequences of length L is `forward_flops(config, n * L, L)`.
+  """
+  d, f = config.hidden_size, config.mlp_dim
+  mats = 3 if config.mlp_activation == "swiglu" else 2
+  per_token = 0.0
+  for i in range(config.num_layers):
+    per_token += 2 * 4 * d * d  # Q, K, V and output projections.
+    per_token += 2 * 2 * seq * d  # Scores q.k and the weighted sum of values.
+    if config.is_moe_layer(i):
+      per_token += 2 * mats * d * f * config.top_k + 2 * d * config.num_experts
+    else:
+      per_token += 2 * mats * d * f
+  return per_token * tokens + 2 * d * config.projection_dim * tokens / seq
+
+
+def train_step_flops(config: EncoderConfig, batch: int, query_len: int, doc_len: int,
+                     negatives: int = 0) -> float:
+  """Model FLOPs of one train step: 3 x the forward matmuls (forward and backward), plus
+  the loss logits. Remat and GradCache recompute forwards; those FLOPs are not counted."""
+  forward = (forward_flops(config, batch * query_len, query_len)
+             + forward_flops(config, batch * (1 + negatives) * doc_len, doc_len))
+  logits = 2 * batch * batch * (1 + negatives) * config.embedding_dim
+  return 3.0 * (forward + logits)

@@ -13,7 +13,9 @@ Two exchanges do steps 2 and 4 (`EXCHANGES`):
 - 'ragged': the assignments sorted by expert, exact-size slices sent with
   `jax.lax.ragged_all_to_all`: about M*D values leave each device per exchange.
   GPUs and TPUs have the collective; elsewhere `ragged_all_to_all_reference`
-  (the same semantics built from `all_to_all`) stands in, for tests.
+  (the same semantics built from `all_to_all`) stands in, for tests. Which one
+  runs follows the platform of the mesh's devices (`mesh_platform`), not the
+  host's, so a TPU program compiled on a CPU host has the TPU collective.
 - 'padded' (the fallback, XLA:CPU has no ragged_all_to_all): one `all_to_all`
   of a send buffer [EP, M, D] sized for the worst case (every assignment to one
   device), so EP*M*D values leave each device.
@@ -39,14 +41,31 @@ from moe_embed.moe.routing import Routing
 
 
 EXCHANGES = ("padded", "ragged")
-# Backends whose XLA lowers `ragged_all_to_all` (jax.default_backend() names).
+# Platforms whose XLA lowers `ragged_all_to_all` (jax.Device.platform names).
 NATIVE_RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
+def mesh_platform(mesh=None) -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of the devices the program is built for.
+
+  Read from `mesh` (a Mesh or AbstractMesh; default: the current mesh), so a
+  program compiled ahead of time for TPU devices from a CPU host gets the TPU
+  kernels and collectives. Without a mesh (or one that names no devices):
+  the host's default backend.
+  """
+  mesh = current_mesh() if mesh is None else mesh
+  device = getattr(getattr(mesh, "abstract_mesh", mesh), "abstract_device", None)
+  platform = getattr(device, "platform", None)
+  return platform or jax.default_backend()
+
+
 def exchange_for_backend(name: str, backend: str | None = None) -> str:
-  """Resolves 'auto': 'ragged' where the backend has ragged_all_to_all, else 'padded'."""
+  """Resolves 'auto': 'ragged' where the backend has ragged_all_to_all, else 'padded'.
+
+  backend: a platform name; default: that of the current mesh (`mesh_platform`).
+  """
   if name == "auto":
-    backend = backend or jax.default_backend()
+    backend = backend or mesh_platform()
     return "ragged" if backend in NATIVE_RAGGED_BACKENDS else "padded"
   if name not in EXCHANGES:
     raise ValueError(f"expert_exchange={name!r} is not one of {('auto',) + EXCHANGES}.")
@@ -111,7 +130,8 @@ def dropless(x: jax.Array, route: Routing, w1, w2, w3=None, w1_bias=None, *,
 
   x [T, D] -> [T, D]; T must split evenly over `where.token_axes`. `exchange` is
   'padded' or 'ragged' (`EXCHANGES`); `native_ragged` forces (True) or avoids
-  (False) `jax.lax.ragged_all_to_all` for the ragged exchange, default: by backend.
+  (False) `jax.lax.ragged_all_to_all` for the ragged exchange, default: by the
+  platform of the mesh's devices.
   """
   ep = where.num_expert_shards
   if w1.shape[0] % ep:
@@ -133,7 +153,7 @@ def dropless(x: jax.Array, route: Routing, w1, w2, w3=None, w1_bias=None, *,
   specs += [exp] * len(names)
   if exchange == "ragged":
     if native_ragged is None:
-      native_ragged = jax.default_backend() in NATIVE_RAGGED_BACKENDS
+      native_ragged = mesh_platform(mesh) in NATIVE_RAGGED_BACKENDS
     collective = jax.lax.ragged_all_to_all if native_ragged else ragged_all_to_all_reference
     per_device = functools.partial(_ragged_local, ep=ep, axis=axis, kernel=kernel,
                                    collective=collective)

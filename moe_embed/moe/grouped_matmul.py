@@ -45,7 +45,11 @@ class GroupLayout:
 
 
 def kernel_for_backend(name: str, backend: str | None = None) -> str:
-  """Resolves 'auto' to the kernel measured fastest on the backend."""
+  """Resolves 'auto' to the kernel measured fastest on the backend.
+
+  backend: a platform name ('cpu', 'gpu', 'tpu'); the caller passes that of the
+  devices it builds for (`expert_parallel.mesh_platform`). Default: the host's.
+  """
   if name == "auto":
     backend = backend or jax.default_backend()
     return "windowed" if backend == "cpu" else "ragged_dot"

@@ -14,6 +14,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from moe_embed import partitioning
 from moe_embed.data.pipeline import InputConfig
 from moe_embed.model import config as model_config
 from moe_embed.train.optimizer import OptimizerConfig
@@ -104,6 +105,15 @@ def input_config(config: ml_collections.ConfigDict) -> InputConfig:
     return inputs
   except (KeyError, ValueError) as e:
     raise ConfigError(str(e).strip("'\"")) from None
+
+
+def mesh_and_rules(config: ml_collections.ConfigDict, devices=None):
+  """(mesh, logical-axis rules) of `config.mesh` over `devices` (default: all devices)."""
+  try:
+    return (partitioning.make_mesh(config.mesh.data, config.mesh.expert, devices),
+            partitioning.rules_from_config(config.mesh.rules))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_batch(config: ml_collections.ConfigDict, shards: int) -> None:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_embed import partitioning
 from moe_embed.model.config import EncoderConfig
 from moe_embed.model.encoder import EmbeddingModel
 from moe_embed.moe import router_stats
@@ -212,3 +213,29 @@ def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformati
     return new_state, metrics
 
   return train_step
+
+
+def batch_constraint(batch_sharding) -> Callable[[Any], Any]:
+  """tree -> tree with every array constrained to `batch_sharding` (GradCache's chunks)."""
+  return lambda tree: jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+
+
+def jit_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformation,
+                   cfg: LossConfig, schedule: Callable[[jax.Array], jax.Array],
+                   grad_cache_chunk: int, mesh, rules, state_shardings: TrainState):
+  """(jitted train_step, batch sharding): the step every caller runs on `mesh`.
+
+  The trainer, `launch/compile.py`, the benchmarks and the tests build the step
+  here, so they compile the same program: the batch sharded over the mesh axes
+  of 'batch', GradCache chunks put back on that sharding, the state donated.
+  Lower it under `partitioning.activate(mesh, rules)`: the sharding constraints
+  and the expert placement read the current mesh and rules while tracing.
+  """
+  batch_sharding = partitioning.batch_sharding(mesh, rules)
+  step_fn = make_train_step(model, optimizer, cfg, schedule, grad_cache_chunk,
+                            partitioning.batch_shards(mesh, rules),
+                            batch_constraint(batch_sharding))
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return jitted, batch_sharding

@@ -130,11 +130,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   loss_cfg = run_config.loss_config(config, encoder_config.embedding_dim)
   opt_cfg = run_config.optimizer_config(config)
   inputs = run_config.input_config(config)
-  try:
-    mesh = partitioning.make_mesh(config.mesh.data, config.mesh.expert)
-    rules = partitioning.rules_from_config(config.mesh.rules)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  mesh, rules = run_config.mesh_and_rules(config)
   shards = partitioning.batch_shards(mesh, rules)
   run_config.check_batch(config, shards)
 
@@ -175,13 +171,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       data_dir, inputs=inputs, tokenizer=tokenizer, global_batch_size=config.batch_size,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), state=data_state)
-  batch_sharding = partitioning.batch_sharding(mesh, rules)
-  constrain = lambda tree: jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
-  step_fn = step_lib.make_train_step(model, optimizer, loss_cfg, schedule,
-                                     config.grad_cache_chunk, shards, constrain)
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+  jitted, batch_sharding = step_lib.jit_train_step(
+      model, optimizer, loss_cfg, schedule, config.grad_cache_chunk, mesh, rules,
+      state_shardings)
   # Rows logged after the restored step belong to a run that was lost: drop them.
   writer = MetricWriter(workdir, enabled=is_chief,
                         resume_step=int(state.step) if data_state is not None else None)

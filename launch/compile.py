@@ -1,0 +1,123 @@
+"""Compiles the train step of a config for a TPU slice ahead of time, on this machine.
+
+  python launch/compile.py --config=configs/finetune.py:nomic_v2_moe --topology=v5p-8
+  python launch/compile.py --config=configs/pretrain.py:nomic_v2_moe --topology=v5p-64 \
+      --json=/tmp/pt_v5p64.json
+  python launch/compile.py --config=configs/finetune.py:nomic_v2_moe --topology=v4-32 --fit
+
+The step is exactly the one `launch/train.py` runs for the same --config and
+--config.* flags (mesh and rules, GradCache chunk, remat, dtype, expert exchange,
+hard negatives, batch shapes), compiled by libtpu (the [tpu] extra) for the
+chips of --topology from abstract state: no weights, no data, no TPU needed.
+--topology takes Cloud TPU accelerator types (v5p-8, v5p-64, v4-32, v6e-8,
+v5litepod-16, ...: TensorCores for v4/v5p, chips for v5e/v6e) or libtpu
+topology strings (v5p:2x2x1, v6e:2x4).
+
+It prints, and with --json writes: per-chip memory (parameters and optimizer
+state, temporaries, total) against the chip's HBM; the model FLOPs per step;
+XLA's estimated step time and the MFU it implies (the compiler's cost model,
+not a measurement); the bytes per step each collective moves per chip; the
+compile time. JSON keys: topology, chips, hbm_bytes_per_chip, fits,
+memory_bytes_per_chip {params_and_optimizer, temporaries, total},
+model_flops_per_step, estimated_step_s, estimated_mfu, collective_bytes
+{kind: bytes}, compile_s (and libtpu_topology, tokens_per_step,
+estimated_tokens_per_s_per_chip, grad_cache_chunk, remat).
+
+Exit codes: 0 the step fits; 1 it does not (one line on stderr: the per-chip
+shortfall and the fields that change it), or a bad config or topology. With
+--fit, a step that does not fit is compiled again with GradCache chunks and
+remat until the cheapest change that fits is found, printed as --config.
+overrides (exit 0), or exit 1 if none fits.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The compile needs no local accelerator: keep jax on the CPU (a TPU VM's chips stay
+# free for a running job) and let libtpu describe the slice beside a process that
+# holds the chips.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moe_embed import cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, as for launch/train.py.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU accelerator type (v5p-8, v6e-8, ...) or libtpu topology (v5p:2x2x1).")
+_JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+_FIT = flags.DEFINE_bool(
+    "fit", False, "If the step does not fit, find the cheapest GradCache chunk / remat that "
+    "does and print it as --config. overrides.")
+flags.mark_flags_as_required(["config", "topology"])
+
+GiB = 1024 ** 3
+
+
+def _print_report(result: dict) -> None:
+  mem = result["memory_bytes_per_chip"]
+  hbm = result["hbm_bytes_per_chip"]
+  print(f"{result['topology']} ({result['libtpu_topology']}, {result['chips']} chips), "
+        f"grad_cache_chunk={result['grad_cache_chunk']}, remat={str(result['remat']).lower()}: "
+        f"compiled in {result['compile_s']:.0f} s")
+  print(f"  memory per chip: {mem['total'] / GiB:.2f} GiB of {hbm / GiB:.0f} GiB HBM "
+        f"({'fits' if result['fits'] else 'DOES NOT FIT'}): parameters + optimizer "
+        f"{mem['params_and_optimizer'] / GiB:.2f} GiB, temporaries {mem['temporaries'] / GiB:.2f} GiB")
+  estimate = "none given"
+  if result["estimated_step_s"]:
+    estimate = (f"{result['estimated_step_s']:.3f} s per step, MFU "
+                f"{result['estimated_mfu']:.1%}, "
+                f"{result['estimated_tokens_per_s_per_chip']:,.0f} tokens/s/chip")
+  print(f"  model FLOPs per step: {result['model_flops_per_step']:.4g}; compiler's estimate "
+        f"(XLA cost model, not a measurement): {estimate}")
+  moved = ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in result["collective_bytes"].items())
+  print(f"  collectives per step per chip: {moved}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from moe_embed.train import aot
+  from moe_embed.train.config import ConfigError
+  config = _CONFIG.value
+  if _JSON.value:
+    cli.check_output_file(_JSON.value)
+  try:
+    topology = aot.parse_topology(_TOPOLOGY.value)
+    devices = aot.topology_devices(topology)
+    result, _ = aot.compile_step(config, topology, devices)
+  except aot.TopologyError as e:
+    print(f"Topology error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  except ConfigError as e:
+    print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(1)
+  _print_report(result)
+  final = result
+  if not result["fits"] and _FIT.value:
+    print("Searching for the cheapest change that fits:", flush=True)
+    found = aot.fit(config, topology, result, devices,
+                    log=lambda line: print(line, flush=True))
+    if found is not None:
+      fitted, final = found
+      print("Fits with: " + " ".join(aot.overrides(fitted, config)))
+      _print_report(final)
+  if _JSON.value:
+    with cli.atomic_path(_JSON.value) as tmp, open(tmp, "w") as f:
+      json.dump(final, f, indent=2)
+  if not final["fits"]:
+    print(f"Error: {aot.shortfall_line(config, result)}"
+          + (" No GradCache chunk or remat setting fits." if _FIT.value else ""),
+          file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  sys.argv = cli.resolve_config_path(sys.argv)
+  cli.run(main)

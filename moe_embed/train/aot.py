@@ -1,0 +1,432 @@
+"""Ahead-of-time compilation of the train step for a TPU slice, on a machine without one.
+
+`compile_step(config, topology)` builds the step `launch/train.py` would run
+for `config` (mesh and rules, GradCache chunk, remat, dtype, expert exchange,
+hard negatives, batch shapes) on the chips of a TPU topology described by
+libtpu (`jax.experimental.topologies`), from abstract state: no weights, no
+data, no TPU. It returns XLA's per-chip memory, the model FLOPs, the
+compiler's estimated step time and the bytes of each collective in the
+compiled program. `fit` searches the cheapest GradCache chunk / remat change
+that makes the step fit the chip's HBM. `launch/compile.py` is the command.
+
+Chips are named as Cloud TPU accelerator types (`v5p-8`, `v6e-8`: TensorCores
+for v4 and v5p, chips for v5e and v6e) or as libtpu topology strings
+(`v5p:2x2x1`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from moe_embed import partitioning
+from moe_embed.data import pipeline
+from moe_embed.model import param_count
+from moe_embed.model.config import EncoderConfig
+from moe_embed.model.encoder import EmbeddingModel
+from moe_embed.train import config as run_config
+from moe_embed.train import optimizer as optimizer_lib
+from moe_embed.train import state as state_lib
+from moe_embed.train import step as step_lib
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation: memory and peak compute per chip, and how slices are named."""
+
+  name: str  # libtpu's name, the prefix of a topology string ('v5p').
+  hbm_bytes: int  # HBM per chip.
+  peak_bf16_flops: float  # Peak bfloat16 FLOP/s per chip.
+  cores_per_chip: int  # TensorCores counted per chip by the accelerator type ('v5p-8').
+  dims: int  # Torus dimensions of a slice: 3 (v4, v5p) or 2 (v5e, v6e).
+  chip_config: Optional[str] = None  # libtpu chip_config_name ('megacore': 1 device/chip).
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 2, 3, chip_config="megacore"),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 1, 2),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2, 3),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2),
+}
+# Accelerator-type prefixes of Cloud TPU (gcloud --accelerator-type) -> chip.
+_ALIASES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
+# Chips of the accelerator types accepted: powers of two from one host's 4 chips.
+_SLICE_CHIPS = {3: [2 ** i for i in range(2, 11)], 2: [2 ** i for i in range(2, 9)]}
+# The collectives counted in `collective_bytes`, by HLO opcode.
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "ragged-all-to-all", "reduce-scatter")
+
+
+class TopologyError(ValueError):
+  """A topology name that is not a TPU slice libtpu knows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # As given: 'v5p-8' or 'v5p:2x2x1'.
+  chip: Chip
+  shape: tuple[int, ...]  # Chips along each torus axis.
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def libtpu_name(self) -> str:
+    return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+
+
+def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
+  """The torus shape of a Cloud TPU slice of `chips` chips: 4 -> 2x2x1, 8 -> 2x2x2,
+  16 -> 2x2x4, 32 -> 2x4x4, 64 -> 4x4x4 (3D); 4 -> 2x2, 8 -> 2x4, 16 -> 4x4 (2D)."""
+  shape = [2, 2, 1] if dims == 3 else [2, 2]
+  while math.prod(shape) < chips:
+    smallest = min(shape)
+    i = max(j for j, s in enumerate(shape) if s == smallest)
+    shape[i] *= 2
+  if math.prod(shape) != chips:
+    raise ValueError(f"No slice shape has {chips} chips.")
+  return tuple(shape)
+
+
+def accelerator_types() -> list[str]:
+  """Every accelerator type `parse_topology` accepts, e.g. 'v5p-8', 'v6e-8'."""
+  out = []
+  for alias, name in _ALIASES.items():
+    chip = CHIPS[name]
+    if alias == "v5litepod" or alias == name:
+      out += [f"{alias}-{n * chip.cores_per_chip}" for n in _SLICE_CHIPS[chip.dims]]
+  return out
+
+
+def _valid_names() -> str:
+  return (f"accelerator types {', '.join(accelerator_types())}, or topology strings such as "
+          "v5p:2x2x1, v4:2x2x4, v5e:2x4, v6e:4x4")
+
+
+def parse_topology(name: str) -> Topology:
+  """'v5p-8' (an accelerator type) or 'v5p:2x2x1' (libtpu) -> Topology; TopologyError else."""
+  text = name.strip().lower()
+  if match := re.fullmatch(r"([a-z0-9]+)-(\d+)", text):
+    prefix, count = match.group(1), int(match.group(2))
+    chip = CHIPS.get(_ALIASES.get(prefix, ""))
+    if chip is not None and count % chip.cores_per_chip == 0 \
+        and count // chip.cores_per_chip in _SLICE_CHIPS[chip.dims]:
+      return Topology(name, chip, slice_shape(count // chip.cores_per_chip, chip.dims))
+  elif match := re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", text):
+    chip = CHIPS.get(_ALIASES.get(match.group(1), ""))
+    shape = tuple(int(s) for s in match.group(2).split("x"))
+    if chip is not None and len(shape) in (chip.dims, 2) and all(s > 0 for s in shape):
+      return Topology(name, chip, shape)
+  raise TopologyError(f"Unknown TPU topology {name!r}; use one of the {_valid_names()}.")
+
+
+def topology_devices(topology: Topology) -> list[Any]:
+  """The TPU devices of the slice as libtpu describes them (compile-only: no chip is opened)."""
+  # libtpu locks /tmp/libtpu_lockfile for the process that drives the chips; a
+  # description needs no chip, so it may be made beside a process holding them.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+  except ImportError as e:
+    raise TopologyError(f"jax.experimental.topologies is unavailable ({e}).") from None
+  kwargs = {}
+  if topology.chip.chip_config:
+    kwargs["chip_config_name"] = topology.chip.chip_config
+  if topology.chip.dims == 2 and topology.chips <= 8:
+    kwargs["chips_per_host_bounds"] = (*topology.shape, 1)  # One host, as v5e-8 / v6e-8.
+  try:
+    desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", **kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu's errors are RuntimeErrors)
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "tpu" in message.lower() and ("plugin" in message.lower() or "libtpu" in message.lower()):
+      raise TopologyError(f"libtpu is not installed or failed to load ({message}); "
+                          "pip install -e '.[tpu]'.") from None
+    raise TopologyError(f"libtpu rejects topology {topology.libtpu_name!r} ({message}); "
+                        f"use one of the {_valid_names()}.") from None
+  return list(desc.devices)
+
+
+# --- The step ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Step:
+  """The jitted step and its abstract arguments, as the trainer would build them."""
+
+  encoder: EncoderConfig
+  mesh: Any
+  rules: Any
+  jitted: Any
+  state: Any  # TrainState of ShapeDtypeStructs with shardings.
+  batch: dict[str, jax.ShapeDtypeStruct]
+
+
+def _encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
+  """The architecture of `config.model`, without loading weights."""
+  from moe_embed.model import config as model_config
+  if config.model in model_config.PRESETS:
+    return run_config.resolve_encoder(config)[0]
+  from moe_embed.io import model_folder
+  if not model_folder.has_meta(config.model):
+    return run_config.resolve_encoder(config)[0]  # Imported folders: read as the trainer does.
+  loaded, _ = model_folder.read_meta(config.model)
+  runtime = {k: v for k, v in dict(config.encoder).items() if k in model_config.RUNTIME_FIELDS}
+  return loaded.replace(**runtime)
+
+
+def build_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Step:
+  """The train step of `config` on `devices`, with abstract state and batch (ConfigError)."""
+  run_config.check_config(config)
+  encoder = _encoder_config(config)
+  loss_cfg = run_config.loss_config(config, encoder.embedding_dim)
+  opt_cfg = run_config.optimizer_config(config)
+  inputs = run_config.input_config(config)
+  mesh, rules = run_config.mesh_and_rules(config, devices)
+  run_config.check_batch(config, partitioning.batch_shards(mesh, rules))
+  model = EmbeddingModel(encoder)
+  optimizer, schedule = optimizer_lib.make_optimizer(opt_cfg, config.total_steps)
+  state, shardings = state_lib.abstract_state(model, optimizer, mesh, rules, config.seed,
+                                              loss_cfg.temperature)
+  jitted, batch_sharding = step_lib.jit_train_step(
+      model, optimizer, loss_cfg, schedule, config.grad_cache_chunk, mesh, rules, shardings)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+           for k, (shape, dtype) in pipeline.batch_shapes(inputs, config.batch_size).items()}
+  return Step(encoder, mesh, rules, jitted, state, batch)
+
+
+def per_chip_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+# --- The report --------------------------------------------------------------
+
+
+def mfu(model_flops: float, step_s: float, chips: int, peak_flops_per_chip: float) -> float:
+  """Model FLOPs utilisation: model FLOPs per step / (step time x chips x peak FLOP/s).
+
+  `model_flops` from `param_count.train_step_flops` (or `forward_flops` for a
+  given count of real tokens); recomputation (remat, GradCache) is not counted.
+  """
+  return model_flops / (step_s * chips * peak_flops_per_chip)
+
+
+def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, compiled,
+           compile_s: float) -> dict[str, Any]:
+  """The JSON report of a compiled step (see launch/compile.py for the keys)."""
+  stats = compiled.memory_analysis()
+  params = per_chip_bytes(step.state)
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  # XLA's cost model for the compiled program (None where it gives no positive time).
+  step_s = float(cost.get("optimal_seconds", 0.0))
+  step_s = step_s if step_s > 0 else None
+  b, lq, ld = config.batch_size, config.input.max_query_len, config.input.max_doc_len
+  negatives = config.input.num_negatives
+  flops = param_count.train_step_flops(step.encoder, b, lq, ld, negatives)
+  tokens = b * (lq + (1 + negatives) * ld)
+  hbm = topology.chip.hbm_bytes
+  return {
+      "topology": topology.name,
+      "libtpu_topology": topology.libtpu_name,
+      "chips": topology.chips,
+      "hbm_bytes_per_chip": hbm,
+      "fits": bool(total <= hbm),
+      "memory_bytes_per_chip": {
+          "params_and_optimizer": params,
+          "temporaries": int(stats.temp_size_in_bytes),
+          "total": int(total),
+      },
+      "model_flops_per_step": flops,
+      "estimated_step_s": step_s,
+      "estimated_mfu": step_s and mfu(flops, step_s, topology.chips,
+                                      topology.chip.peak_bf16_flops),
+      "tokens_per_step": tokens,
+      "estimated_tokens_per_s_per_chip": step_s and tokens / step_s / topology.chips,
+      "collective_bytes": collective_bytes(compiled.as_text()),
+      "compile_s": compile_s,
+      "grad_cache_chunk": int(config.grad_cache_chunk),
+      "remat": bool(config.encoder.remat),
+  }
+
+
+def compile_step(config: ml_collections.ConfigDict, topology: Topology,
+                 devices: Optional[list[Any]] = None):
+  """(report dict, compiled) for `config` on `topology`; ConfigError on a bad config."""
+  devices = topology_devices(topology) if devices is None else devices
+  step = build_step(config, devices)
+  start = time.perf_counter()
+  with partitioning.activate(step.mesh, step.rules):
+    compiled = step.jitted.lower(step.state, step.batch).compile()
+  return report(config, topology, step, compiled, time.perf_counter() - start), compiled
+
+
+def shortfall_line(config: ml_collections.ConfigDict, result: dict[str, Any]) -> str:
+  """One line: how far the step is over HBM per chip, and the fields that change it."""
+  need = result["memory_bytes_per_chip"]["total"]
+  hbm = result["hbm_bytes_per_chip"]
+  return (f"The train step needs {need / GiB:.1f} GiB per chip on {result['topology']}, "
+          f"{(need - hbm) / GiB:.1f} GiB more than its {hbm / GiB:.0f} GiB HBM; lower "
+          f"grad_cache_chunk (now {config.grad_cache_chunk}; 0 = off), set encoder.remat=true "
+          f"(now {str(bool(config.encoder.remat)).lower()}), or lower batch_size "
+          f"({config.batch_size}), input.num_negatives ({config.input.num_negatives}) or "
+          f"input.max_doc_len ({config.input.max_doc_len}); --fit finds the cheapest change.")
+
+
+# --- Collectives in the compiled HLO ------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+
+
+def _shape_bytes(text: str) -> int:
+  """Bytes of the arrays in an HLO result shape ('bf16[8,128]{1,0}' or a tuple of them)."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(text):
+    size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else None)
+    if size is None:
+      continue
+    total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return int(total)
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Kind -> result bytes per step of that collective on one device, from the HLO text.
+
+  Asynchronous pairs count once (at '-done', whose result is the collective's).
+  An op inside a while loop counts once per iteration (XLA's known trip count),
+  so a GradCache loop's collectives count for every chunk.
+  """
+  per_computation: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    if (m := _COMPUTATION.match(line)) and "=" not in line.split("{")[0].split("(")[0]:
+      current = m.group(1)
+      if line.startswith("ENTRY"):
+        entry = current
+      continue
+    m = _INSTRUCTION.match(line)
+    if current is None or m is None:
+      continue
+    shape, opcode, rest = m.groups()
+    kind = opcode.removesuffix("-done")
+    if kind in COLLECTIVES and not opcode.endswith("-start"):
+      if opcode.endswith("-done") or kind == opcode:
+        per_computation[current][kind] += _shape_bytes(shape)
+    trips = 1
+    if opcode == "while" and (t := re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)):
+      trips = int(t.group(1))
+    for attr, names in re.findall(
+        r"\b(body|condition|calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?", rest):
+      for callee in re.findall(r"%?([\w.\-]+)", names):
+        calls[current].append((callee, trips if attr == "body" else 1))
+  totals: collections.Counter = collections.Counter()
+
+  def visit(name: str, times: int, depth: int = 0):
+    if depth > 64:
+      return
+    for kind, count in per_computation.get(name, {}).items():
+      totals[kind] += count * times
+    for callee, trips in calls.get(name, ()):
+      visit(callee, times * trips, depth + 1)
+
+  if entry is not None:
+    visit(entry, 1)
+  return {kind: int(totals.get(kind, 0)) for kind in COLLECTIVES}
+
+
+# --- Finding a change that fits ----------------------------------------------
+
+
+def _chunks(config: ml_collections.ConfigDict, shards: int) -> list[int]:
+  """GradCache chunks valid for the config, largest first (each divides batch_size and is
+  a multiple of the batch shards), below the current chunk (or the whole batch)."""
+  b = config.batch_size
+  below = config.grad_cache_chunk or b
+  return [c for c in range(below - 1, 0, -1) if b % c == 0 and c % shards == 0]
+
+
+def _with(config: ml_collections.ConfigDict, chunk: int, remat: bool):
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.grad_cache_chunk = chunk
+  c.encoder.remat = remat
+  return c
+
+
+def overrides(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> list[str]:
+  """The `--config.` flags that turn `base` into `config` (GradCache chunk, remat)."""
+  out = []
+  if config.grad_cache_chunk != base.grad_cache_chunk:
+    out.append(f"--config.grad_cache_chunk={config.grad_cache_chunk}")
+  if bool(config.encoder.remat) != bool(base.encoder.remat):
+    out.append(f"--config.encoder.remat={str(bool(config.encoder.remat)).lower()}")
+  return out
+
+
+def fit(config: ml_collections.ConfigDict, topology: Topology, first: dict[str, Any],
+        devices: list[Any], log=print):
+  """The cheapest (config, report) that fits, or None; `first` is the report of `config`.
+
+  Cost order: remat alone (one more forward, the whole batch at once), then
+  GradCache chunks from the largest (one more forward, chunks run in turn), then
+  GradCache with remat (two more forwards). Memory falls with the chunk, so
+  the largest fitting chunk is found by bisection over the valid chunks.
+  """
+  shards = partitioning.batch_shards(*run_config.mesh_and_rules(config, devices))
+  tried: dict[tuple[int, bool], dict[str, Any]] = {
+      (config.grad_cache_chunk, bool(config.encoder.remat)): first}
+
+  def attempt(chunk: int, remat: bool) -> dict[str, Any]:
+    if (chunk, remat) not in tried:
+      result, _ = compile_step(_with(config, chunk, remat), topology, devices)
+      mem = result["memory_bytes_per_chip"]["total"]
+      log(f"  grad_cache_chunk={chunk} remat={str(remat).lower()}: {mem / GiB:.1f} GiB per "
+          f"chip ({'fits' if result['fits'] else 'does not fit'}, compiled in "
+          f"{result['compile_s']:.0f} s)")
+      tried[(chunk, remat)] = result
+    return tried[(chunk, remat)]
+
+  def largest_fitting(chunks: list[int], remat: bool) -> Optional[int]:
+    lo, hi, best = 0, len(chunks) - 1, None  # chunks descending; memory falls with i.
+    while lo <= hi:
+      mid = (lo + hi) // 2
+      if attempt(chunks[mid], remat)["fits"]:
+        best, hi = chunks[mid], mid - 1
+      else:
+        lo = mid + 1
+    return best
+
+  remat, chunk = bool(config.encoder.remat), int(config.grad_cache_chunk)
+  chunks = _chunks(config, shards)
+  plans = [([0], True)] if not chunk and not remat else []
+  plans.append((chunks, remat))
+  if not remat:
+    plans.append((([chunk] if chunk else []) + chunks, True))
+  for candidates, use_remat in plans:
+    best = largest_fitting(candidates, use_remat)
+    if best is not None:
+      return _with(config, best, use_remat), tried[(best, use_remat)]
+  return None
