@@ -1,19 +1,34 @@
-"""Training checkpoints with Orbax: the train state and the data iterator position.
+"""Training checkpoints with Orbax: the train state, the data iterator position, a digest.
 
-A workdir holds `checkpoints/<step>/{state,data}` (async, the last N kept).
-`restore` puts a state back onto the shardings of a target; `latest_params`
-reads only the encoder parameters, onto one device, whatever mesh saved them.
-The model metadata beside the checkpoints is `model_folder`'s business.
+A workdir holds `checkpoints/<step>/{state,data,digest}` (async, the last N
+kept). `digest` holds two 32-bit checksums of every array of the state,
+computed on device before the save and checked after every restore, so that a
+data file changed on disk (bit rot, a partial overwrite) is found rather than
+trained on. Checkpoints written before digests existed restore unchecked.
+
+Every reader of a workdir restores through `_restore_newest`: the newest
+checkpoint that reads and matches its digest; a damaged one is logged in one
+line and the next older one is used. `restore` (training) also moves the damaged
+ones aside to `<step>.damaged`, so that the step can be saved again;
+`latest_params` (encode, eval, export, upcycle, filter, mine) only reads, onto
+one device, whatever mesh saved it. The model metadata beside the checkpoints
+is `model_folder`'s business.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
+import logging as py_logging
 import os
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Optional
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from moe_embed import storage
@@ -23,8 +38,15 @@ from moe_embed import storage
 RETIRED_STATE_FIELDS = ("rng",)
 
 
+DIGEST_VERSION = 1
+
+
 class CheckpointError(RuntimeError):
   """No checkpoint of a workdir could be restored, or a save failed."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint's arrays read back differ from the digest saved with them."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -32,7 +54,81 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def _handlers() -> dict:
-  return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+          "digest": ocp.JsonCheckpointHandler()}
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """[2] uint32: the sum of the array's 32-bit words and their position-weighted sum.
+
+  Integer sums wrap mod 2**32 and are exact in any order, so the result does
+  not depend on the mesh or device count; a change to any single word always
+  changes the first sum (the weights 2i+1 are odd, so also the second), and
+  the second also catches words moved to other positions.
+  """
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    unsigned = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  else:  # 8-byte values (x64): two words each, along a new last axis.
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  # The flat position of each word, built from iotas so that no reshape (and
+  # no re-layout of a sharded array) is needed.
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
+    stride *= words.shape[axis]
+  weighted = words * (index * jnp.uint32(2) + jnp.uint32(1))
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(weighted, dtype=jnp.uint32)])
+
+
+@functools.partial(jax.jit)
+def _checksums(tree):
+  return jax.tree.map(_leaf_checksum, tree)
+
+
+def _as_tree(state: Any) -> Any:
+  """A train state (a dataclass) as the dict of fields its checkpoint holds."""
+  if hasattr(state, "__dataclass_fields__"):
+    return {f: getattr(state, f) for f in state.__dataclass_fields__}
+  return state
+
+
+def array_digest(state: Any) -> dict[str, str]:
+  """{leaf path: 16 hex digits} of every array of `state`, computed where the arrays are."""
+  tree = _as_tree(state)
+  sums = jax.device_get(_checksums(tree))
+  flat, _ = jax.tree_util.tree_flatten_with_path(sums)
+  return {_path_name(path): "%08x%08x" % tuple(int(v) for v in np.asarray(value))
+          for path, value in flat}
+
+
+def _path_name(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def check_digest(state: Any, saved: dict, where: str) -> None:
+  """Raises DamagedCheckpoint naming the arrays of `state` that differ from `saved`."""
+  want = saved.get("arrays", {})
+  got = array_digest(state)
+  bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  if bad:
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    raise DamagedCheckpoint(f"{where}: its arrays do not match the digest saved with them "
+                            f"({bad[0]}{more})")
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -46,10 +142,12 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
-  """Starts an (async) save of the train state and the iterator position."""
+  """Starts an (async) save of the train state, the iterator position and their digest."""
   try:
+    digest = {"version": DIGEST_VERSION, "arrays": array_digest(state)}
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        digest=ocp.args.JsonSave(digest)), force=True)
   except Exception as e:  # pylint: disable=broad-except  (whatever the writer raised)
     raise CheckpointError(f"Saving the checkpoint of step {step} to {manager.directory} "
                           f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
@@ -63,30 +161,79 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
 def restore(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict, int]:
   """Restores (state, data_state, step) from the newest checkpoint that reads.
 
-  A damaged checkpoint (a truncated array file, missing metadata) is logged,
-  moved aside to `<step>.damaged` so that the step can be saved again, and the
-  next older one is tried; CheckpointError when none restores.
+  A damaged checkpoint (a truncated array file, missing metadata, arrays that
+  differ from their digest) is logged in one line, moved aside to
+  `<step>.damaged` so that the step can be saved again, and the next older one
+  is tried; CheckpointError when none restores.
   """
+  (state, data_state), step, damaged = _restore_newest(
+      manager, lambda s: _restore_step(manager, abstract_state, s))
+  for bad_step in damaged:
+    _move_aside(manager, bad_step)
+  if damaged:
+    manager.reload()
+  return state, data_state, step
+
+
+def _restore_newest(manager: ocp.CheckpointManager, restore_step: Callable[[int], Any]
+                    ) -> tuple[Any, int, list[int]]:
+  """(restore_step(step), step, damaged steps) for the newest step that restores."""
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state, data_state = _restore_step(manager, abstract_state, step)
+      with _quiet_readers():
+        restored = restore_step(step)
     except Exception as e:  # pylint: disable=broad-except  (any failure to read a step)
-      reason = " ".join(str(e).split())[:300]
-      logging.warning("Checkpoint %d in %s does not restore (%s: %s); trying an older one.",
-                      step, manager.directory, type(e).__name__, reason)
+      logging.warning("Checkpoint %d in %s is damaged (%s); %s", step, manager.directory,
+                      _reason(e), "trying an older one.")
       failures.append((step, e))
       continue
-    for bad_step, _ in failures:
-      _move_aside(manager, bad_step)
     if failures:
-      manager.reload()
-    return state, data_state, step
+      logging.warning("Restored checkpoint %d in %s in place of the damaged %s.", step,
+                      manager.directory, [s for s, _ in failures])
+    return restored, step, [s for s, _ in failures]
+  if not failures:
+    raise FileNotFoundError(f"No checkpoint under {manager.directory} yet.")
   raise CheckpointError(
       f"No checkpoint under {manager.directory} restores (tried steps "
-      f"{[s for s, _ in failures]}; newest: {type(failures[0][1]).__name__}: "
-      f"{' '.join(str(failures[0][1]).split())[:200]}). Move the checkpoints folder aside to "
-      "start afresh.")
+      f"{[s for s, _ in failures]}; newest: {_reason(failures[0][1])}). Move the "
+      "checkpoints folder aside to start afresh.")
+
+
+def _reason(error: BaseException, limit: int = 300) -> str:
+  """What went wrong reading a checkpoint, on one line."""
+  if isinstance(error, DamagedCheckpoint):
+    return str(error).split(": ", 1)[-1]
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
+class _quiet_readers:
+  """Silences Orbax's own reports while a step that may be damaged is read.
+
+  A failed read is reported once by `_restore_newest`; Orbax would otherwise
+  log it again and leave one coroutine per array whose exception Python prints
+  as "Exception ignored in ..." with a TensorStore spec (tens of lines each).
+  """
+
+  _NAMES = ("orbax", "absl")
+
+  def __enter__(self):
+    self._loggers = [py_logging.getLogger(n) for n in self._NAMES]
+    self._levels = [l.level for l in self._loggers]
+    for l in self._loggers:
+      l.setLevel(py_logging.CRITICAL)
+    # TensorStore reports a read it finishes after Orbax closed its event loop
+    # through sys.excepthook ("Event loop is closed"); nothing is lost by it.
+    self._hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda unraisable: None
+    sys.excepthook = lambda *args: None
+    return self
+
+  def __exit__(self, *exc):
+    gc.collect()  # The abandoned coroutines are reported when they are collected.
+    sys.unraisablehook, sys.excepthook = self._hooks
+    for l, level in zip(self._loggers, self._levels):
+      l.setLevel(level)
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
@@ -99,6 +246,10 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
     logging.warning("Moved the damaged checkpoint %s to %s.", path, target)
 
 
+def _has_digest(manager: ocp.CheckpointManager, step: int) -> bool:
+  return (epath.Path(manager.directory) / str(step) / "digest").is_dir()
+
+
 def _restore_step(manager: ocp.CheckpointManager, abstract_state: Any, step: int):
   saved = _saved_tree(manager, step)
   if saved is None:
@@ -109,8 +260,12 @@ def _restore_step(manager: ocp.CheckpointManager, abstract_state: Any, step: int
     if isinstance(saved, dict) and name in saved and name not in target:
       target[name] = jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved[name])
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  items = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+  if _has_digest(manager, step):
+    items["digest"] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if "digest" in items:
+    check_digest(restored["state"], restored["digest"], f"checkpoint {step}")
   fields = {f: restored["state"][f] for f in abstract_state.__dataclass_fields__}
   return abstract_state.replace(**fields), dict(restored["data"])
 
@@ -125,21 +280,34 @@ def check_saves(manager: ocp.CheckpointManager) -> None:
 
 
 def latest_params(workdir: str) -> tuple[Any, int]:
-  """(encoder params as numpy arrays, step) from a workdir's newest checkpoint.
+  """(encoder params as numpy arrays, step) from a workdir's newest checkpoint that restores.
 
   The saved state is restored onto one device from an explicit target, whatever
-  mesh and device count saved it, and its encoder parameters are returned.
+  mesh and device count saved it, checked against its digest, and its encoder
+  parameters are returned. A damaged newest checkpoint is reported in one line
+  and the next older one is read; nothing in the workdir is changed.
   """
   manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers=_handlers())
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)} yet.")
-  tree = _saved_tree(manager, step)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  params = jax.device_get(restored["state"]["params"]["model"])
-  manager.close()
+
+  def read(step):
+    tree = _saved_tree(manager, step)
+    if tree is None:
+      raise FileNotFoundError("its state metadata is missing")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          tree)
+    items = dict(state=ocp.args.StandardRestore(target))
+    if _has_digest(manager, step):
+      items["digest"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if "digest" in items:
+      check_digest(restored["state"], restored["digest"], f"checkpoint {step}")
+    return jax.device_get(restored["state"]["params"]["model"])
+
+  try:
+    params, step, _ = _restore_newest(manager, read)
+  finally:
+    manager.close()
   return params, int(step)
