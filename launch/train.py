@@ -12,10 +12,11 @@ Every path (--workdir, config.data, config.model, config.tokenizer, eval.beir)
 may be a gs://bucket/... URI; with STORAGE_EMULATOR_HOST set, all of them go to
 that GCS emulator instead (see the README's pod section).
 
-Exit codes: 0 done; 1 a bad config, diverged training or unreadable checkpoints
-(one line on stderr says what to change); 143 stopped by SIGTERM or at
---stop_at_step after saving a checkpoint: rerun the same command to resume
-(launch/slurm_gpu.sh requeues, launch/tpu_pod.sh reruns).
+Exit codes: 0 done; 1 a bad config, diverged training, unreadable checkpoints or
+a workdir in use by another run (one line on stderr says what to change); 143
+stopped by SIGTERM or at --stop_at_step after saving a checkpoint: rerun the
+same command to resume (launch/slurm_gpu.sh requeues, launch/tpu_pod.sh
+reruns); 130 stopped by Ctrl-C (SIGINT) after saving a checkpoint.
 """
 
 import os
@@ -71,8 +72,8 @@ def main(argv):
   except (trainer.TrainingDiverged, checkpoints.CheckpointError) as e:
     print(f"Error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
-  if result.get("preempted"):
-    sys.exit(cli.EXIT_PREEMPTED)  # Saved; a scheduler reruns the command to resume.
+  if result.get("preempted"):  # Saved; a scheduler reruns the command to resume.
+    sys.exit(cli.EXIT_INTERRUPTED if result.get("signal") == "SIGINT" else cli.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from moe_embed import storage
 # what a shell reports for a process ended by that signal. Schedulers treat it as
 # "preempted": rerun the same command to resume.
 EXIT_PREEMPTED = 143
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, after saving where a run can save.
 TRACEBACK_ENV = "MOE_EMBED_TRACEBACK"
 
 
@@ -102,6 +103,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       return main(argv)
     except _expected_errors() as e:
       _fail(e)
+    except KeyboardInterrupt:
+      if _verbose():
+        raise
+      print("Interrupted (Ctrl-C).", file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
 
   app.run(guarded, flags_parser=_parse_flags)
 

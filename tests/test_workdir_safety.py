@@ -85,3 +85,99 @@ def test_digest_does_not_depend_on_the_sharding():
   changed = state.replace(params={"model": {**state.params["model"], "w": jnp.asarray(flipped)}})
   a, b = checkpoints.array_digest(state), checkpoints.array_digest(changed)
   assert [k for k in a if a[k] != b[k]] == ["params/model/w"]
+
+
+@pytest.fixture
+def old(tmp_path):
+  """A copy of the fixture workdir (a checkpoint at step 2, metrics of steps 1-2)."""
+  from tests.test_formats import FIXTURE
+  root = str(tmp_path / "v0")
+  shutil.copytree(FIXTURE, root)
+  return root
+
+
+def _snapshot(workdir):
+  return {name: open(os.path.join(workdir, name), "rb").read()
+          for name in ("config.json", "model.json", "metrics.jsonl")}
+
+
+def test_a_changed_architecture_is_refused_before_anything_is_written(old, caplog):
+  from moe_embed.io import model_folder
+  from moe_embed.train import trainer, workdir as workdir_lib
+  from tests.test_formats import _config
+  workdir = os.path.join(old, "workdir")
+  before, files = model_folder.load_workdir(workdir)[0], _snapshot(workdir)
+  for changes, needles in (
+      ({"num_layers": 3, "top_k": 1}, ["encoder.num_layers 2 -> 3", "encoder.top_k 2 -> 1"]),
+      ({"num_experts": 8}, ["encoder.num_experts 4 -> 8"])):
+    c = _config(old)
+    for key, value in changes.items():
+      c.encoder[key] = value
+    with pytest.raises(trainer.ConfigError) as e:
+      trainer.train_and_evaluate(c, workdir)
+    message = str(e.value)
+    assert "\n" not in message and "another architecture" in message, message
+    for needle in needles:
+      assert needle in message, message
+    assert _snapshot(workdir) == files
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  after = model_folder.load_workdir(workdir)[0]  # The old model still comes out of it.
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  # Runtime fields may change; a changed batch size and schedule are logged.
+  c = _config(old)
+  c.encoder.dtype, c.encoder.remat, c.encoder.expert_exchange = "bfloat16", True, "padded"
+  c.batch_size, c.total_steps = 16, 8
+  recorded, _ = model_folder.read_meta(workdir)
+  caplog.clear()
+  workdir_lib.check_resume(workdir, recorded.replace(dtype="bfloat16", remat=True), c)
+  lines = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+  assert len(lines) == 1 and "batch_size 8 -> 16" in lines[0] and "total_steps 4 -> 8" in lines[0]
+  assert "encoder.dtype 'float32' -> 'bfloat16'" in lines[0], lines
+
+
+def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+  import json
+  import socket
+  import subprocess
+  import sys
+  import time
+  from moe_embed.train import trainer, workdir as workdir_lib
+  from tests.test_formats import FIXTURE, _config
+  workdir = str(tmp_path / "w")
+  first = workdir_lib.WorkdirLock(workdir, heartbeat_s=0.05).acquire()
+  held = json.loads(open(os.path.join(workdir, workdir_lib.LOCK_FILE)).read())
+  assert held["host"] == socket.gethostname() and held["pid"] == os.getpid()
+  time.sleep(0.3)
+  beat = json.loads(open(os.path.join(workdir, workdir_lib.LOCK_FILE)).read())["heartbeat"]
+  assert beat > held["heartbeat"]  # The heartbeat moves while the run holds the lock.
+  with pytest.raises(workdir_lib.WorkdirLocked,
+                     match=f"in use by another run: host {socket.gethostname()} pid {os.getpid()}"):
+    trainer.train_and_evaluate(_config(FIXTURE), workdir)
+  first.release()
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  # A holder that is gone: a pid that ended on this host, or a heartbeat from long ago.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  for record, why in (({"host": socket.gethostname(), "pid": int(dead)}, "no longer running"),
+                      ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600},
+                       "last heartbeat was")):
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "w") as f:
+      json.dump({"heartbeat": time.time(), "token": "x", **record}, f)
+    caplog.clear()
+    lock = workdir_lib.WorkdirLock(workdir).acquire()
+    lines = [r.getMessage() for r in caplog.records if "Taking over" in r.getMessage()]
+    assert len(lines) == 1 and why in lines[0] and str(record["pid"]) in lines[0], lines
+    lock.release()
+
+
+def test_the_lock_holds_on_gcs(gcs_emulator):
+  from tests.conftest import make_bucket
+  from moe_embed.train import workdir as workdir_lib
+  workdir = make_bucket(gcs_emulator, "locks") + "/run"
+  first = workdir_lib.WorkdirLock(workdir, settle_s=0.1).acquire()
+  with pytest.raises(workdir_lib.WorkdirLocked, match=f"pid {os.getpid()}"):
+    workdir_lib.WorkdirLock(workdir, settle_s=0.1).acquire()
+  first.release()
+  assert workdir_lib.WorkdirLock(workdir).holder() is None
+  workdir_lib.WorkdirLock(workdir, settle_s=0.1).acquire().release()

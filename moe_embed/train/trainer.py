@@ -26,6 +26,7 @@ from moe_embed.train import config as run_config
 from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import state as state_lib
 from moe_embed.train import step as step_lib
+from moe_embed.train import workdir as workdir_lib
 from moe_embed.train.config import ConfigError
 from moe_embed.train.metric_writer import MetricWriter
 
@@ -52,6 +53,7 @@ class _Run:
   writer: MetricWriter
   evaluator: "_Evaluator"
   is_chief: bool
+  signal_received: Optional[str] = None  # 'SIGTERM' or 'SIGINT' once one stopped the run.
 
 
 class _Evaluator:
@@ -98,7 +100,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `stop_at_step` ends the run early as a preemption would (checkpoint, return),
   leaving the schedule of `config.total_steps` intact for the resumed run.
+  The run holds the workdir's lock throughout (workdir.WorkdirLock).
   """
+  storage.check_bucket(workdir)  # Before any work, not at the first checkpoint.
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train_and_evaluate(config, workdir, stop_at_step)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop_at_step: Optional[int]) -> dict[str, Any]:
   run = _setup(config, workdir)
   initial_eval = None
   if config.eval.at_start and run.start_step == 0 and run.evaluator.beir_dirs:
@@ -107,7 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step, last_metrics, preempted = _train(run, stop_at_step)
   if preempted:
     logging.warning("Stopped at step %d; rerun the same command to resume.", step)
-    return {"preempted": True, "step": step, "metrics": last_metrics}
+    return {"preempted": True, "step": step, "metrics": last_metrics,
+            "signal": run.signal_received}
   final_eval = run.evaluator(step, run.state.params["model"])
   run.writer.close()
   if final_eval:
@@ -125,8 +142,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   from moe_embed.tokenizers import load_tokenizer
 
   run_config.check_config(config)
-  storage.check_bucket(workdir)  # Before any work, not at the first checkpoint.
   encoder_config, start_params, model_meta = run_config.resolve_encoder(config)
+  # A changed architecture stops here, before config.json and model.json are rewritten.
+  workdir_lib.check_resume(workdir, encoder_config, config)
   loss_cfg = run_config.loss_config(config, encoder_config.embedding_dim)
   opt_cfg = run_config.optimizer_config(config)
   inputs = run_config.input_config(config)
@@ -243,6 +261,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
   run.batches.close()
   if preemption.requested:
     run.writer.close()
+  run.signal_received = preemption.signal_name
   return step, last_metrics, preemption.requested
 
 
@@ -269,27 +288,37 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks, so it can checkpoint
+  and exit; a second Ctrl-C stops at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name: Optional[str] = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. some notebook runners).
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread (e.g. some notebook runners).
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint, then exiting.")
+    del frame
+    name = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint, then exiting.", name)
     self.requested = True
+    self.signal_name = self.signal_name or name
+    if signum == signal.SIGINT:  # A second Ctrl-C is a KeyboardInterrupt again.
+      signal.signal(signal.SIGINT, self._previous.get(signum, signal.default_int_handler))
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:
+        signal.signal(signum, previous)
 
 
 def _summarise(window: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
