@@ -1,10 +1,13 @@
 """Trains a MoE text embedding model with InfoNCE.
 
   python launch/train.py --config=configs/finetune.py:tiny --workdir=/tmp/moe_embed_tiny
+  python launch/train.py --config=configs/finetune.py   # workdir ~/moe_embed_runs/finetune
   python launch/train.py --config=configs/pretrain.py:nomic_v2_moe --workdir=gs://b/run \
       --config.mesh.expert=4 --config.batch_size=4096
 
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
+Without --workdir, each config gets its own folder under ~/moe_embed_runs (or
+$MOE_EMBED_WORKDIRS), printed at the start, so the same command resumes too.
 On a TPU pod slice or a multi-process GPU job, pass --distributed (or set
 MOE_EMBED_DISTRIBUTED=1) to call jax.distributed.initialize() first.
 
@@ -34,14 +37,15 @@ from moe_embed import cli  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/finetune.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard and config.json.")
+    "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard and config.json; "
+    "default: ~/moe_embed_runs/<config>[_<argument>] (or under $MOE_EMBED_WORKDIRS).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", os.environ.get("MOE_EMBED_DISTRIBUTED", "") == "1",
     "Call jax.distributed.initialize() (TPU pods, SLURM, multi-process GPU).")
 _STOP_AT_STEP = flags.DEFINE_integer(
     "stop_at_step", None, "Save and stop after this step, as a preemption would (exit 143); "
     "the schedule still runs to config.total_steps when the command is rerun.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries:
@@ -63,13 +67,20 @@ def main(argv):
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   from moe_embed.io import checkpoints
   from moe_embed.train import trainer
+  from moe_embed.train import workdir as workdir_lib
+  workdir = _WORKDIR.value
+  if workdir is None:
+    workdir = workdir_lib.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    print(f"Workdir: {workdir} (no --workdir given; the same command resumes there)",
+          flush=True)
   try:
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+    result = trainer.train_and_evaluate(_CONFIG.value, workdir,
                                         stop_at_step=_STOP_AT_STEP.value)
   except trainer.ConfigError as e:
     print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
-  except (trainer.TrainingDiverged, checkpoints.CheckpointError) as e:
+  except (trainer.TrainingDiverged, checkpoints.CheckpointError,
+          workdir_lib.WorkdirLocked) as e:
     print(f"Error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
   if result.get("preempted"):  # Saved; a scheduler reruns the command to resume.

@@ -170,6 +170,7 @@ def atomic_path(path: str) -> Iterator[str]:
     if remote:
       epath.Path(tmp).copy(path, overwrite=True)
     else:
+      storage.public_mode(tmp)  # mkstemp makes it 0600; the output follows the umask.
       os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

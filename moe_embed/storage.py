@@ -9,6 +9,8 @@ and Orbax themselves. What is left here:
   is_remote      whether a path names an object store rather than a local file
   absolute       a local path made absolute; a URI unchanged
   write_atomic   replace a file's content whole: a reader sees the old or the new
+  public_mode    give a file or folder written through a private temporary (mkstemp,
+                 mkdtemp, safetensors) the mode the umask gives a new file
   check_bucket   fail at once, naming the path, when a URI's bucket is missing
 
 `moe_embed/__init__.py` calls `use_emulator()` on import, before any client starts.
@@ -67,6 +69,29 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
   tmp = target.parent / f".{target.name}.tmp"
   tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
   os.replace(tmp, target)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def public_mode(path: str | os.PathLike) -> None:
+  """chmod `path` (and, for a folder, everything in it) to 0666/0777 less the umask.
+
+  Temporary files and folders are created 0600/0700, and safetensors writes
+  0600 too; outputs renamed from them would keep that mode whatever the umask.
+  """
+  mask = _umask()
+  path = os.fspath(path)
+  os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+  if os.path.isdir(path):
+    for root, dirs, files in os.walk(path):
+      for name in dirs:
+        os.chmod(os.path.join(root, name), 0o777 & ~mask)
+      for name in files:
+        os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def check_bucket(path: str | os.PathLike) -> None:

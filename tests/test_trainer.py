@@ -125,7 +125,8 @@ def test_launch_train_end_to_end_loss_falls(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_then_resume(data_dir, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_saves_a_checkpoint_then_resume(data_dir, tmp_path, signum, code):
   workdir = str(tmp_path / "run")
   args = ["--config=configs/finetune.py:tiny", f"--workdir={workdir}",
           f"--config.data={data_dir}", "--config.total_steps=100000",
@@ -136,9 +137,9 @@ def test_sigterm_saves_a_checkpoint_then_resume(data_dir, tmp_path):
   deadline = time.time() + 300
   while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
     time.sleep(1)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143, err[-2000:]  # Preempted: saved, rerun to resume.
+  assert proc.returncode == code, err[-2000:]  # Preempted: saved, rerun to resume.
   assert "rerun the same command to resume" in err
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert saved and saved[-1] >= 10

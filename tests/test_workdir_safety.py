@@ -181,3 +181,89 @@ def test_the_lock_holds_on_gcs(gcs_emulator):
   first.release()
   assert workdir_lib.WorkdirLock(workdir).holder() is None
   workdir_lib.WorkdirLock(workdir, settle_s=0.1).acquire().release()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_a_resume_keeps_the_first_runs_metrics(tmp_path, monkeypatch):
+  import json
+  import signal
+  from moe_embed.train import trainer, metric_writer, workdir as workdir_lib
+  from tests.test_formats import FIXTURE, _config
+  workdir = str(tmp_path / "w")
+  c = _config(FIXTURE)
+  c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 2, 100, 3
+  batches = []
+  real = trainer._global_batch
+
+  def global_batch(local, sharding):  # The compile takes batch 1; step s takes batch s + 1.
+    batches.append(1)
+    if len(batches) == 4:
+      signal.raise_signal(signal.SIGINT)  # Ctrl-C during step 3.
+    return real(local, sharding)
+
+  monkeypatch.setattr(trainer, "_global_batch", global_batch)
+  out = trainer.train_and_evaluate(c, workdir)
+  monkeypatch.setattr(trainer, "_global_batch", real)
+  assert out["preempted"] and out["signal"] == "SIGINT" and out["step"] == 3
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  metrics = os.path.join(workdir, metric_writer.METRICS_FILE)
+  first = [json.loads(l) for l in open(metrics)]
+  assert [r["step"] for r in first] == [2] and "window_steps" not in first[0]
+  with open(metrics, "a") as f:
+    f.write('{"step": 3, "loss": 2.0')  # A crash in the middle of a write.
+  out = trainer.train_and_evaluate(c, workdir)
+  assert out["step"] == 4 and not out.get("preempted")
+  rows = [json.loads(l) for l in open(metrics)]
+  assert [r["step"] for r in rows] == [2, 4]
+  assert rows[0] == first[0]  # The first run's row survives, untouched.
+  assert rows[1]["window_steps"] == 1  # Steps 4 only: the window is marked partial.
+  # Rerunning a finished run repairs a torn last line before anything else.
+  with open(metrics, "a") as f:
+    f.write('{"step": 5, "lo')
+  metric_writer.MetricWriter(workdir, resume_step=4).close()
+  assert [json.loads(l)["step"] for l in open(metrics)] == [2, 4]
+
+
+def test_sigint_and_sigterm_request_a_save_and_a_second_ctrl_c_stops_at_once():
+  import signal
+  from moe_embed.train import trainer
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    with trainer._Preemption() as preemption:
+      signal.raise_signal(signum)
+      assert preemption.requested and preemption.signal_name == signum.name
+      if signum == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+          signal.raise_signal(signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_torn_last_metrics_line_is_repaired_when_the_writer_opens(tmp_path):
+  import json
+  from moe_embed.train import metric_writer
+  path = tmp_path / metric_writer.METRICS_FILE
+  path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n{"step": 3, "lo')
+  metric_writer.MetricWriter(str(tmp_path)).close()  # A rerun of a finished run.
+  assert [json.loads(l) for l in path.read_text().splitlines()] == [
+      {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.4}]
+
+
+def test_train_without_workdir_uses_one_per_config_and_a_second_run_names_the_holder(tmp_path):
+  import socket
+  from moe_embed import cli
+  from moe_embed.train import workdir as workdir_lib
+  from tests.test_reliability import _launch, _one_line_error
+  root = tmp_path / "runs"
+  os.environ[workdir_lib.DEFAULT_ROOT_ENV] = str(root)
+  try:
+    expected = workdir_lib.default_workdir("configs/finetune.py")
+    lock = workdir_lib.WorkdirLock(expected).acquire()  # A first run holds it.
+    proc = _launch("train.py", "--config=configs/finetune.py")
+    lock.release()
+  finally:
+    del os.environ[workdir_lib.DEFAULT_ROOT_ENV]
+  assert expected == str(root / "finetune")
+  assert f"Workdir: {expected}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+  _one_line_error(proc, "in use by another run", f"host {socket.gethostname()}",
+                  f"pid {os.getpid()}")
+  assert "--workdir" in proc.stderr and proc.returncode == 1 != cli.EXIT_PREEMPTED

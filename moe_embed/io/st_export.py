@@ -198,7 +198,7 @@ def export(params: Any, config: EncoderConfig, meta: dict, out: str, *,
     if storage.is_remote(out):
       _copy_tree(local, out)
     else:
-      os.chmod(local, 0o755)  # mkdtemp makes it private.
+      storage.public_mode(local)  # mkdtemp and safetensors make them private.
       if os.path.isdir(out):
         os.rmdir(out)  # Empty (checked above).
       os.replace(local, out)

@@ -35,7 +35,9 @@ class MetricWriter:
       return
     self._path = epath.Path(workdir) / METRICS_FILE
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    self._lines = _read_lines(self._path, resume_step)
+    self._lines, dropped = _read_lines(self._path, resume_step)
+    if dropped:  # A torn last line or a lost run's rows: gone now, not at the next write.
+      storage.write_atomic(self._path, "".join(self._lines))
     self._closed = False
     # Event files are appended to, which an object store cannot do: for a gs://
     # workdir they are written to a local folder and uploaded whole at each write.
@@ -86,17 +88,20 @@ class MetricWriter:
       (epath.Path(self._events_remote) / name).write_bytes(open(local, "rb").read())
 
 
-def _read_lines(path: epath.Path, resume_step: Optional[int]) -> list[str]:
-  """The rows already logged; with `resume_step`, without those logged after it."""
+def _read_lines(path: epath.Path, resume_step: Optional[int]) -> tuple[list[str], int]:
+  """(rows already logged, how many lines were dropped): a line cut by a crash, and
+  with `resume_step` the rows logged after it."""
   if not path.exists():
-    return []
-  kept = []
+    return [], 0
+  kept, dropped = [], 0
   for line in path.read_text().splitlines(keepends=True):
     try:
       row = json.loads(line)
     except ValueError:  # A line cut by a crash mid-write.
+      dropped += 1
       continue
     if resume_step is not None and row.get("step", 0) > resume_step:
+      dropped += 1
       continue
     kept.append(line if line.endswith("\n") else line + "\n")
-  return kept
+  return kept, dropped

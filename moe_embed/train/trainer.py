@@ -238,6 +238,8 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
         fetched = jax.device_get(window)
         _check_finite(run, fetched, step)
         last_metrics = _summarise(fetched, max(time.time() - window_start, 1e-9))
+        if len(fetched) < config.log_every_steps:  # After a resume, or the last window.
+          last_metrics["window_steps"] = len(fetched)
         run.writer.write(step, last_metrics)
         bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                         tok_s=f"{last_metrics['tokens_per_s']:.0f}")

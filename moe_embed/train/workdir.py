@@ -42,7 +42,7 @@ STALE_AFTER_S = 300.0  # A lock whose heartbeat is older than this is taken over
 DEFAULT_ROOT_ENV = "MOE_EMBED_WORKDIRS"  # Where default workdirs go; ~/moe_embed_runs else.
 
 
-class WorkdirLocked(ConfigError):
+class WorkdirLocked(RuntimeError):
   """Another run holds the workdir's lock."""
 
 
