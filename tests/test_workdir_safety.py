@@ -267,3 +267,24 @@ def test_train_without_workdir_uses_one_per_config_and_a_second_run_names_the_ho
   _one_line_error(proc, "in use by another run", f"host {socket.gethostname()}",
                   f"pid {os.getpid()}")
   assert "--workdir" in proc.stderr and proc.returncode == 1 != cli.EXIT_PREEMPTED
+
+
+def test_outputs_follow_the_umask(tmp_path):
+  import stat
+  from moe_embed import cli
+  from moe_embed.io import model_folder, st_export
+  from tests.test_formats import FIXTURE
+  previous = os.umask(0o027)
+  try:
+    with cli.atomic_path(str(tmp_path / "e.npy")) as tmp, open(tmp, "wb") as f:
+      np.save(f, np.zeros(3))
+    params, config, meta = model_folder.load_any(os.path.join(FIXTURE, "native"))
+    st_export.export(params, config, meta, str(tmp_path / "exported"))
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE(os.stat(tmp_path / "e.npy").st_mode) == 0o640
+  assert stat.S_IMODE(os.stat(tmp_path / "exported").st_mode) == 0o750
+  modes = {name: stat.S_IMODE(os.stat(tmp_path / "exported" / name).st_mode)
+           for name in os.listdir(tmp_path / "exported")
+           if os.path.isfile(tmp_path / "exported" / name)}
+  assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
