@@ -92,6 +92,11 @@ def main(argv):
     print(f"  malformed: {example}")
   if report.malformed > len(report.examples):
     print(f"  ... and {report.malformed - len(report.examples)} more.")
+  if report.skipped_files:
+    names = ", ".join(report.skipped_files[:5])
+    more = f" and {len(report.skipped_files) - 5} more" if len(report.skipped_files) > 5 else ""
+    print(f"Skipped {len(report.skipped_files)} files that are not .jsonl or .jsonl.gz: "
+          f"{names}{more}.")
 
 
 if __name__ == "__main__":

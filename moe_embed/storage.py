@@ -19,6 +19,7 @@ and Orbax themselves. What is left here:
 from __future__ import annotations
 
 import os
+import threading
 
 from etils import epath
 
@@ -94,17 +95,43 @@ def public_mode(path: str | os.PathLike) -> None:
         os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def check_bucket(path: str | os.PathLike) -> None:
-  """FileNotFoundError naming `path` when it is a URI whose bucket does not exist.
+BUCKET_TIMEOUT_S = 15.0  # How long check_bucket waits for an object store to answer.
+
+
+def check_bucket(path: str | os.PathLike, timeout_s: float = BUCKET_TIMEOUT_S) -> None:
+  """FileNotFoundError naming `path` when it is a URI whose bucket does not exist or
+  does not answer within `timeout_s` (no network, a wrong endpoint).
 
   Called before work that writes under `path`: an object store has no folders
-  to create, so a missing bucket would otherwise surface at the first write.
+  to create, so a missing bucket would otherwise surface at the first write,
+  and an unreachable one only after the client's minutes of retries.
   """
   path = os.fspath(path)
   if not is_remote(path):
     return
   scheme, rest = path.split("://", 1)
   bucket = f"{scheme}://{rest.split('/', 1)[0]}"
-  if not epath.Path(bucket).exists():
+  answer: dict = {}
+
+  def probe():
+    try:
+      answer["exists"] = epath.Path(bucket).exists()
+    except Exception as e:  # pylint: disable=broad-except  (whatever the client raised)
+      answer["error"] = e
+
+  # The client retries for minutes; a daemon thread lets the caller give up first.
+  thread = threading.Thread(target=probe, name="check-bucket", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if thread.is_alive():
+    raise FileNotFoundError(f"Bucket {bucket} of {path} did not answer within {timeout_s:.0f} s; "
+                            "check the network, the credentials and the path.")
+  if "error" in answer:
+    error = answer["error"]
+    reason = " ".join(str(error).split())[:200]
+    raise FileNotFoundError(f"Bucket {bucket} of {path} cannot be reached "
+                            f"({type(error).__name__}: {reason}); check the network, the "
+                            "credentials and the path.")
+  if not answer["exists"]:
     raise FileNotFoundError(f"Bucket {bucket} of {path} does not exist or cannot be read; "
                             "create it or fix the path.")

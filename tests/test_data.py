@@ -48,7 +48,9 @@ def test_prepare_counts_duplicates_and_malformed_lines(tmp_path):
   _write_jsonl(tmp_path / "one.jsonl", rows[:25] + rows[:5],
                extra_lines=["{not json", json.dumps({"query": "only a query"}), "[1, 2]"])
   _write_jsonl(tmp_path / "two.jsonl.gz", rows[25:])
+  (tmp_path / "notes.txt").write_text("not an input\n")
   info, report = data.prepare(str(tmp_path), str(tmp_path / "out"))
+  assert report.skipped_files == [str(tmp_path / "notes.txt")]  # Reported, not read.
   assert info["num_examples"] == 50
   assert info["sources"]["a"]["num_examples"] == 30
   assert info["sources"]["b"]["num_examples"] == 20
@@ -75,7 +77,7 @@ def test_dataset_is_a_tfds_dataset_and_empty_input_is_an_error(tmp_path):
                               "document": rows[8]["document"].encode(),
                               "negatives": [rows[8]["negatives"][0].encode()]}
   _write_jsonl(tmp_path / "bad.jsonl", [], extra_lines=["{", '{"query": "q"}'])
-  with pytest.raises(ValueError, match="No valid records"):
+  with pytest.raises(ValueError, match=r"No valid records.*first: .*bad.jsonl:1: invalid JSON"):
     data.prepare(str(tmp_path / "bad.jsonl"), str(tmp_path / "empty"))
 
 

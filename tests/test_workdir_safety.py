@@ -288,3 +288,76 @@ def test_outputs_follow_the_umask(tmp_path):
            for name in os.listdir(tmp_path / "exported")
            if os.path.isfile(tmp_path / "exported" / name)}
   assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+
+
+def test_a_deleted_or_truncated_dataset_file_is_one_line_when_the_dataset_opens(tmp_path):
+  import json
+  from moe_embed import data
+  from moe_embed.data import dataset
+  from moe_embed.train import trainer
+  from tests.test_formats import FIXTURE, _config
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"query": f"q {i}", "document": f"d {i}"}) + "\n"
+                           for i in range(12)))
+  out = str(tmp_path / "ds")
+  info, _ = data.prepare(str(pairs), out)
+  shard = [n for n in info["files"] if ".array_record-" in n]
+  assert len(shard) == 1 and dataset.read_info(out)["num_examples"] == 12
+  path = os.path.join(out, shard[0])
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size // 2)
+  with pytest.raises(ValueError, match=f"is damaged: {shard[0]} has {size // 2} bytes where "
+                     f"dataset_info.json records {size}"):
+    dataset.read_info(out)
+  # A dataset written before file sizes were recorded: its ArrayRecord shards must exist.
+  old = str(tmp_path / "old")
+  shutil.copytree(os.path.join(FIXTURE, "data"), old)
+  [name] = glob.glob(os.path.join(old, "tfds", "*", "*", "*.array_record-*"))
+  os.remove(name)
+  c = _config(FIXTURE)
+  c.data = old
+  with pytest.raises(ValueError, match=f"Dataset {old} is damaged: .*"
+                     f"{os.path.basename(name)} is missing; rebuild it"):
+    trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_an_unreachable_bucket_fails_in_seconds_naming_the_path():
+  import subprocess
+  import sys
+  import time
+  code = ("from moe_embed import storage\n"
+          "try:\n  storage.check_bucket('gs://nobucket/run', timeout_s=3)\n"
+          "except FileNotFoundError as e:\n  print(e)\n")
+  # Nothing listens on port 9 of this host: the client retries for minutes.
+  env = dict(os.environ, STORAGE_EMULATOR_HOST="http://127.0.0.1:9")
+  for name in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+    env.pop(name, None)
+  start = time.time()
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert time.time() - start < 30, proc.stderr[-2000:]
+  assert "gs://nobucket/run" in proc.stdout and "within 3 s" in proc.stdout, proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_experts_that_do_not_split_over_the_expert_axis_name_both_fields():
+  from moe_embed.model.config import preset
+  from moe_embed.train import config as run_config
+  with pytest.raises(run_config.ConfigError,
+                     match=r"encoder.num_experts=6 does not split over mesh.expert=4 .*divisor"):
+    run_config.check_experts(preset("tiny", num_experts=6), 4)
+  run_config.check_experts(preset("tiny", num_experts=8), 4)
+
+
+def test_export_without_transformers_is_one_line(tmp_path, monkeypatch):
+  import sys
+  from moe_embed.io import model_folder, st_export
+  from tests.test_formats import FIXTURE
+  params, config, meta = model_folder.load_any(os.path.join(FIXTURE, "native"))
+  monkeypatch.setitem(sys.modules, "transformers", None)  # As if it were not installed.
+  monkeypatch.setitem(sys.modules, "transformers.convert_slow_tokenizer", None)
+  with pytest.raises(ValueError, match="needs the transformers package.*pip install"):
+    st_export.export(params, config, meta, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")

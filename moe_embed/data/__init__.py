@@ -56,7 +56,8 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
   its own prefixes) would cut. `runner` or `beam_options` (Beam pipeline options,
   "runner=DataflowRunner,project=...") prepare with Apache Beam (`beam_prepare`).
   """
-  files = jsonl.expand_inputs(inputs)
+  skipped: list[str] = []
+  files = jsonl.expand_inputs(inputs, skipped)
   dataset.check_output(output, overwrite)
   source_options = dataset.parse_source_options(source_prefixes)
   options = None
@@ -66,7 +67,7 @@ def prepare(inputs: str | Sequence[str], output: str, tokenizer: Optional[str] =
     except ImportError as e:
       raise ValueError(f"--runner needs Apache Beam ({e}); pip install -e '.[beam]'.") from e
     options = beam_prepare.pipeline_options(runner, beam_options)
-  report = jsonl.ReadReport()
+  report = jsonl.ReadReport(skipped_files=skipped)
   with tempfile.TemporaryDirectory() as scratch:
     tokenizer_path = tokenizer
     if train_tokenizer_vocab:

@@ -106,7 +106,7 @@ def build_dataset(files: Sequence[str], folder: epath.Path, report: ReadReport,
       offsets.setdefault(str(scan["file"]), {})[source] = [totals[source], count]
       totals[source] += count
   if not totals:
-    raise ValueError("No valid records to write: every input line was malformed or empty.")
+    raise report.none_valid()
   sources = sorted(totals)
   dataset.check_split_names(sources)
   dataset.check_source_options(source_options, sources)

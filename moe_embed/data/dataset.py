@@ -11,7 +11,10 @@ so any process can read any slice of any batch. All I/O goes through
 `etils.epath`, so a dataset folder may be `gs://...`.
 
 Writing is all-or-nothing (`commit`): dataset_info.json is the last file written
-and a folder without it is not a dataset.
+and a folder without it is not a dataset. It lists every other file with its
+size (`files`), and `read_info` checks them when a dataset is opened, so a
+deleted or truncated ArrayRecord file is one line before any training work
+(datasets written before `files` existed: the TFDS shards must exist).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def commit(out_dir: str, build: Callable[[epath.Path], dict], overwrite: bool = 
   folder.mkdir(parents=True, exist_ok=True)
   try:
     info = build(folder)
+    info["files"] = file_sizes(folder)
     write_info(folder, info)
   except BaseException:
     folder.rmtree(missing_ok=True)
@@ -130,7 +134,7 @@ def build_dataset(records: Iterable[dict], folder: epath.Path, report: ReadRepor
   for writer in writers.values():
     writer.close()
   if not writers:
-    raise ValueError("No valid records to write: every input line was malformed or empty.")
+    raise report.none_valid()
   check_source_options(source_options, list(writers))
   builder.build({builder.split_name(s): os.fspath(p) for s, p in staged.items()},
                 os.fspath(folder / TFDS_DIR))
@@ -227,7 +231,47 @@ def store_tokenizer(folder: epath.Path, tokenizer_path: str, info: dict) -> None
   info["tokenizer"] = "tokenizer.model"
 
 
-def read_info(data_dir: str) -> dict:
+def file_sizes(folder: os.PathLike | str) -> dict[str, int]:
+  """{path relative to `folder`: bytes} of every file of a dataset but its info."""
+  root = epath.Path(folder)
+  return {os.path.relpath(os.fspath(base / name), os.fspath(root)): (base / name).stat().length
+          for base, _, names in root.walk() for name in names if name != INFO}
+
+
+def check_files(data_dir: str, info: dict) -> None:
+  """ValueError naming the first file of the dataset that is missing or has another size."""
+  root = epath.Path(data_dir)
+  expected = info.get("files")
+  if expected is None:  # Written before sizes were recorded: the shards must exist.
+    expected = {name: None for name in _tfds_shards(root)}
+  for name, size in sorted(expected.items()):
+    path = root / name
+    if not path.exists():
+      problem = "is missing"
+    elif size is not None and path.stat().length != size:
+      problem = f"has {path.stat().length} bytes where {INFO} records {size}"
+    else:
+      continue
+    raise ValueError(f"Dataset {data_dir} is damaged: {name} {problem}; rebuild it with "
+                     "launch/prepare_data.py (--overwrite).")
+
+
+def _tfds_shards(root: epath.Path) -> list[str]:
+  """ArrayRecord shard paths (relative to `root`) that the TFDS dataset_info.json lists."""
+  names = []
+  for info_path in (root / TFDS_DIR).glob("*/*/dataset_info.json"):
+    tfds_info = json.loads(info_path.read_text())
+    dataset = info_path.parent.parent.name
+    for split in tfds_info.get("splits", []):
+      count = len(split.get("shardLengths", []))
+      for i in range(count):
+        name = f"{dataset}-{split['name']}.array_record-{i:05d}-of-{count:05d}"
+        names.append(os.path.relpath(os.fspath(info_path.parent / name), os.fspath(root)))
+  return names
+
+
+def read_info(data_dir: str, check: bool = True) -> dict:
+  """dataset_info.json of a dataset; with `check`, its files are checked too (check_files)."""
   path = epath.Path(data_dir) / INFO
   if not path.exists():
     raise FileNotFoundError(
@@ -236,6 +280,8 @@ def read_info(data_dir: str) -> dict:
   info = json.loads(path.read_text())
   if info.get("format") != FORMAT:
     raise ValueError(f"{path} has format {info.get('format')!r}; expected {FORMAT!r}.")
+  if check:
+    check_files(data_dir, info)
   return info
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import zlib
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from etils import epath
 
@@ -33,11 +33,18 @@ class ReadReport:
   malformed: int = 0
   duplicates: int = 0
   examples: list[str] = dataclasses.field(default_factory=list)  # "file:line: why"
+  skipped_files: list[str] = dataclasses.field(default_factory=list)  # Not JSONL, in a folder.
 
   def bad(self, where: str, why: str) -> None:
     self.malformed += 1
     if len(self.examples) < MAX_REPORTED:
       self.examples.append(f"{where}: {why}")
+
+  def none_valid(self) -> ValueError:
+    """The error when no line was a valid record, with the first reasons why."""
+    reasons = "; ".join(self.examples[:3])
+    return ValueError("No valid records to write: every input line was malformed or empty"
+                      + (f" (first: {reasons})." if reasons else "."))
 
 
 def _glob(pattern: str) -> list[str]:
@@ -51,8 +58,12 @@ def _glob(pattern: str) -> list[str]:
   return sorted(os.fspath(p) for p in epath.Path(base).glob("/".join(parts[first:])))
 
 
-def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
-  """Files from a comma-separated list of files, globs and folders (*.jsonl, *.jsonl.gz)."""
+def expand_inputs(inputs: str | Sequence[str],
+                  skipped: Optional[list[str]] = None) -> list[str]:
+  """Files from a comma-separated list of files, globs and folders (*.jsonl, *.jsonl.gz).
+
+  The other files found in a folder are appended to `skipped`.
+  """
   items = inputs.split(",") if isinstance(inputs, str) else list(inputs)
   files = []
   for item in filter(None, items):
@@ -63,8 +74,11 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"No files match {item}.")
       files += found
     elif path.is_dir():
-      found = sorted(os.fspath(folder / name) for folder, _, names in path.walk()
-                     for name in names if name.endswith((".jsonl", ".jsonl.gz")))
+      every = sorted(os.fspath(folder / name) for folder, _, names in path.walk()
+                     for name in names)
+      found = [f for f in every if f.endswith((".jsonl", ".jsonl.gz"))]
+      if skipped is not None:
+        skipped += [f for f in every if f not in found]
       if not found:
         raise FileNotFoundError(f"No .jsonl or .jsonl.gz files under {item}.")
       files += found

@@ -160,6 +160,7 @@ def load_workdir(path: str) -> tuple[Any, EncoderConfig, dict]:
 
 def load_any(path: str) -> tuple[dict, EncoderConfig, dict]:
   """A training workdir, a native folder or a Hugging Face folder."""
+  storage.check_bucket(path)  # An unreachable bucket in seconds, not minutes of retries.
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"Model path {path} does not exist.")
   if is_workdir(path):

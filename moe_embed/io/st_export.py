@@ -176,6 +176,12 @@ def export(params: Any, config: EncoderConfig, meta: dict, out: str, *,
                      f"the model diverged or is damaged, so nothing was written to {out}.")
   if epath.Path(out).is_dir() and any(epath.Path(out).iterdir()):
     raise FileExistsError(f"{out} already exists and is not empty; choose another --out.")
+  try:
+    import transformers.convert_slow_tokenizer  # noqa: F401  (writes tokenizer.json)
+  except ImportError:
+    raise ValueError(f"Exporting needs the transformers package, to write tokenizer.json: "
+                     f"pip install transformers (or -e '.[torch]'). Nothing was written to "
+                     f"{out}.") from None
   dims = list(matryoshka_dims or [config.embedding_dim])
   query_prefix, doc_prefix = meta.get("query_prefix", ""), meta.get("doc_prefix", "")
   max_length = int(meta.get("max_length", 512))

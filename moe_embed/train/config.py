@@ -133,3 +133,12 @@ def check_batch(config: ml_collections.ConfigDict, shards: int) -> None:
       raise ConfigError(
           f"grad_cache_chunk={chunk} is not divisible by the {shards} data-parallel shards; "
           "each chunk is spread over every device.")
+
+
+def check_experts(encoder: model_config.EncoderConfig, expert_axis: int) -> None:
+  """The experts split evenly over the mesh's expert axis, with both fields named."""
+  if encoder.moe_every_n_layers and encoder.num_experts % expert_axis:
+    raise ConfigError(
+        f"encoder.num_experts={encoder.num_experts} does not split over mesh.expert="
+        f"{expert_axis} devices; set mesh.expert to a divisor of {encoder.num_experts} or "
+        f"encoder.num_experts to a multiple of {expert_axis}.")

@@ -151,6 +151,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   mesh, rules = run_config.mesh_and_rules(config)
   shards = partitioning.batch_shards(mesh, rules)
   run_config.check_batch(config, shards)
+  run_config.check_experts(encoder_config, mesh.shape["expert"])
 
   data_dir = config.data or data_lib.ensure_default_data()
   tokenizer_path = (config.tokenizer or model_meta.get("tokenizer")
