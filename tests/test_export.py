@@ -178,7 +178,7 @@ def _load_modeling():
 @pytest.mark.torch
 @pytest.mark.parametrize("options", [
     dict(), dict(moe_normalize_expert_weights=True, moe_expert_w1_bias=True),
-    dict(activation_function="swiglu", moe_top_k=1)])
+    dict(moe_normalize_expert_weights=2), dict(activation_function="swiglu", moe_top_k=1)])
 def test_torch_moe_block_equals_a_per_token_loop(options):
   torch = _torch()
   _transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -206,7 +206,8 @@ def test_torch_moe_block_equals_a_per_token_loop(options):
           # The router runs in float32 in the block (as in JAX): so does the reference.
           probs = torch.softmax(block.router.layer.weight.float() @ x[b, t].float(), -1).double()
           top = sorted(range(e), key=lambda i: -probs[i].item())[:k]
-          total = sum(probs[i] for i in top)
+          p = float(config.moe_normalize_expert_weights)  # megablocks: the p-norm.
+          total = sum(probs[i] ** p for i in top) ** (1 / p) if p else 1.0
           for i in top:
             h = w.w1[i * f:(i + 1) * f] @ x[b, t]
             if w.w1_bias is not None:

@@ -82,12 +82,22 @@ def _write_nomic(folder, config, params, drop=None, reshape=None):
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(mlp_activation="swiglu", moe_every_n_layers=0),
-                                       dict(qkv_bias=False, type_vocab_size=0)])
+                                       dict(qkv_bias=False, type_vocab_size=0),
+                                       # nomic-bert's placement (i % n == 1) and p-norm.
+                                       dict(num_layers=6, moe_every_n_layers=3,
+                                            moe_layer_offset=1, renormalize_topk=2),
+                                       dict(num_layers=6, moe_every_n_layers=3)])
 def test_nomic_layout_round_trip(tmp_path, overrides):
   config, params = _tiny_moe(**overrides)
   _write_nomic(str(tmp_path), config, params)
+  hf = json.load(open(os.path.join(tmp_path, "config.json")))
   loaded, loaded_config, meta = hf_import.load_hf_folder(str(tmp_path))
   assert loaded_config == config.replace(rotary_base=float(config.rotary_base))
+  if overrides.get("moe_layer_offset") == 1:  # As nomic-bert writes it: no offset recorded.
+    assert "moe_layer_offset" not in hf and hf["moe_normalize_expert_weights"] == 2
+    assert loaded_config.moe_layers == (1, 4)
+  elif overrides.get("moe_every_n_layers") == 3:
+    assert hf["moe_layer_offset"] == -1 and loaded_config.moe_layers == (2, 5)
   assert meta["query_prefix"] == "search_query: "
   flat_a = jax.tree_util.tree_leaves_with_path(params)
   flat_b = dict(jax.tree_util.tree_leaves_with_path(loaded))

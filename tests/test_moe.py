@@ -35,8 +35,9 @@ def _np_moe(params, x, mask, config, capacity=None):
       probs /= probs.sum()
       top = np.argsort(-probs, kind="stable")[:config.top_k]
       w = probs[top]
-      if config.renormalize_topk:
-        w = w / w.sum()
+      if config.renormalize_topk:  # megablocks: divide by the p-norm (p = 1: the sum).
+        p = float(config.renormalize_topk)
+        w = w / np.sum(np.abs(w) ** p) ** (1 / p)
       choices[ti] = (top, w)
     keep = {}
     for rank in range(config.top_k):  # First choices of every token, then second choices.
@@ -86,6 +87,7 @@ def _apply(module, params, x, mask):
     dict(moe_dispatch="dropless", grouped_matmul="ragged_dot"),
     dict(moe_dispatch="dropless", grouped_matmul="tiled"),
     dict(moe_dispatch="dropless", renormalize_topk=True, expert_w1_bias=True),
+    dict(moe_dispatch="dropless", renormalize_topk=2),
     dict(moe_dispatch="dropless", mlp_activation="swiglu"),
     dict(moe_dispatch="capacity", capacity_factor=100.0),
     dict(moe_dispatch="capacity", capacity_factor=100.0, expert_w1_bias=True),

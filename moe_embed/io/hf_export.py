@@ -83,6 +83,8 @@ def nomic_config_json(config: EncoderConfig) -> dict:
     extra["moe_expert_w1_bias"] = True
   if config.projection_dim:
     extra["projection_dim"] = config.projection_dim
+  if config.moe_every_n_layers and config.moe_layer_offset % config.moe_every_n_layers != 1:
+    extra["moe_layer_offset"] = config.moe_layer_offset  # nomic-bert's own placement is 1.
   return {"model_type": "nomic_bert", "vocab_size": config.vocab_size, "n_embd": config.hidden_size,
           "n_layer": config.num_layers, "n_head": config.num_heads, "n_inner": config.mlp_dim,
           "type_vocab_size": config.type_vocab_size, "pad_token_id": config.pad_token_id,

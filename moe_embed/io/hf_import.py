@@ -108,6 +108,13 @@ def config_from_hf(hf: dict) -> EncoderConfig:
           f"mlp_fc1_bias={hf.get('mlp_fc1_bias')} and mlp_fc2_bias={hf.get('mlp_fc2_bias')} "
           "differ; the encoder has one mlp_bias switch for both.")
     moe_every = int(hf.get("moe_every_n_layers", 0) or 0)
+    # nomic-bert makes layer i MoE when i % n == 1 (none at all for n = 1); folders we
+    # exported record another placement as moe_layer_offset.
+    offset = int(hf.get("moe_layer_offset", 1))
+    if moe_every == 1 and "moe_layer_offset" not in hf:
+      moe_every = 0
+    if not moe_every or offset % moe_every == moe_every - 1:
+      offset = -1  # The same layers as our default placement (all n = 2 checkpoints).
     fraction = float(hf.get("rotary_emb_fraction", 1.0))
     # rotary_emb_fraction <= 0: a learned position table (exported BERT / XLM-R models).
     # A rotary model has no table; n_positions is the context it was built for
@@ -129,11 +136,28 @@ def config_from_hf(hf: dict) -> EncoderConfig:
         qkv_bias=bool(hf.get("qkv_proj_bias", True)),
         mlp_bias=bool(hf.get("mlp_fc1_bias", True)),
         moe_every_n_layers=moe_every, num_experts=int(hf.get("num_experts", 8) or 8),
-        top_k=int(hf.get("moe_top_k", 2) or 2), renormalize_topk=bool(hf.get("moe_normalize_expert_weights", False)),
+        moe_layer_offset=offset, top_k=int(hf.get("moe_top_k", 2) or 2),
+        renormalize_topk=_normalize_p(hf.get("moe_normalize_expert_weights")),
         expert_w1_bias=bool(hf.get("moe_expert_w1_bias", False)),
         projection_dim=int(hf.get("projection_dim", 0) or 0))
   raise CheckpointError(f"model_type={kind!r} is not supported; expected 'bert', 'xlm-roberta', "
                         "'nomic_bert' or 'moe_embed'.")
+
+
+def _normalize_p(value: Any) -> float:
+  """megablocks' moe_normalize_expert_weights -> renormalize_topk: None/False off, True 1, p."""
+  if value is None or value is False:
+    return False
+  if value is True:
+    return True
+  try:
+    p = float(value)
+  except (TypeError, ValueError):
+    raise CheckpointError(f"moe_normalize_expert_weights={value!r} is not a number (the p of "
+                          "the p-norm the top-k weights are divided by).") from None
+  if p < 0:
+    raise CheckpointError(f"moe_normalize_expert_weights={value!r} must be >= 0.")
+  return p if p != int(p) else int(p) if p else False
 
 
 class _Taker:

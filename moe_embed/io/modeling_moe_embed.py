@@ -37,7 +37,7 @@ class MoeEmbedConfig(PretrainedConfig):
                prenorm=False, layer_norm_epsilon=1e-5, activation_function="gelu",
                qkv_proj_bias=True, mlp_fc1_bias=True, mlp_fc2_bias=True, moe_every_n_layers=0,
                num_experts=8, moe_top_k=2, moe_normalize_expert_weights=False,
-               moe_expert_w1_bias=False, projection_dim=0, **kwargs):
+               moe_expert_w1_bias=False, projection_dim=0, moe_layer_offset=-1, **kwargs):
     self.vocab_size, self.n_embd, self.n_layer, self.n_head = vocab_size, n_embd, n_layer, n_head
     self.n_inner, self.type_vocab_size = n_inner, type_vocab_size
     # rotary_emb_fraction <= 0 means a learned position table (BERT, XLM-R).
@@ -46,8 +46,10 @@ class MoeEmbedConfig(PretrainedConfig):
     self.prenorm, self.layer_norm_epsilon = prenorm, layer_norm_epsilon
     self.activation_function = activation_function  # 'gelu' (exact erf) or 'swiglu'.
     self.qkv_proj_bias, self.mlp_fc1_bias, self.mlp_fc2_bias = qkv_proj_bias, mlp_fc1_bias, mlp_fc2_bias
-    # Layer i is MoE when i % n == n - 1.
+    # Layer i is MoE when i % n == moe_layer_offset mod n (-1: n - 1; nomic-bert: 1).
     self.moe_every_n_layers, self.num_experts, self.moe_top_k = moe_every_n_layers, num_experts, moe_top_k
+    self.moe_layer_offset = moe_layer_offset
+    # Top-k weights divided by their p-norm, p = this value (True: 1, their sum); False: off.
     self.moe_normalize_expert_weights = moe_normalize_expert_weights
     self.moe_expert_w1_bias, self.projection_dim = moe_expert_w1_bias, projection_dim
     super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -173,7 +175,9 @@ class MoeMlp(nn.Module):
     probs = F.linear(x.float(), self.router.layer.weight.float()).softmax(-1)  # [T, E] float32
     weights, chosen = probs.topk(self.k, dim=-1)  # [T, K]
     if self.renormalize:
-      weights = weights / weights.sum(-1, keepdim=True)
+      p = float(self.renormalize)
+      weights = weights / (weights.sum(-1, keepdim=True) if p == 1 else
+                           weights.norm(p=p, dim=-1, keepdim=True))
     token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k)  # [T*K]
     keep = mask.reshape(-1).repeat_interleave(self.k)  # Padding is not routed.
     token, expert, weight = token[keep], chosen.reshape(-1)[keep], weights.reshape(-1)[keep]
@@ -218,7 +222,8 @@ class Encoder(nn.Module):
   def __init__(self, c: MoeEmbedConfig):
     super().__init__()
     n = c.moe_every_n_layers
-    self.layers = nn.ModuleList(Block(c, bool(n) and i % n == n - 1) for i in range(c.n_layer))
+    self.layers = nn.ModuleList(Block(c, bool(n) and i % n == c.moe_layer_offset % n)
+                                for i in range(c.n_layer))
 
 
 class MoeEmbedModel(PreTrainedModel):

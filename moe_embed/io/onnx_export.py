@@ -163,8 +163,14 @@ def _moe(g: _Graph, x: str, p: dict, cfg: EncoderConfig, valid: str, name: str,
   weights, experts = g.op("TopK", probs, g.const([k], dtype=np.int64), axis=-1, largest=1,
                           sorted=1, outputs=2)  # [T, K] float32, int64
   if cfg.renormalize_topk:
-    weights = g.op("Div", weights, g.op("ReduceSum", weights, g.const([1], dtype=np.int64),
-                                        keepdims=1))
+    power = float(cfg.renormalize_topk)
+    if power == 1:
+      norm = g.op("ReduceSum", weights, g.const([1], dtype=np.int64), keepdims=1)
+    else:  # (sum w^p)^(1/p), as routing.topk_norm.
+      powered = g.op("Pow", weights, g.const(power))
+      norm = g.op("Pow", g.op("ReduceSum", powered, g.const([1], dtype=np.int64), keepdims=1),
+                  g.const(1.0 / power))
+    weights = g.op("Div", weights, norm)
   if routing_outputs is not None:
     routing_outputs.append((f"{name}/experts", experts))
   # Padding tokens pick no expert: their slots become -1.

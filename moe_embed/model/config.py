@@ -35,11 +35,16 @@ class EncoderConfig:
   mlp_activation: str = "gelu"  # Exact-erf 'gelu' or gated 'swiglu'.
   qkv_bias: bool = True
   mlp_bias: bool = True
-  # Mixture of experts: layer i is MoE when i % n == n - 1; 0 means dense.
+  # Mixture of experts: layer i is MoE when i % n == moe_layer_offset mod n; 0 means dense.
   moe_every_n_layers: int = 0
+  # -1: layers n-1, 2n-1, ... (ours); 1: layers 1, n+1, ... (nomic-bert's placement).
+  # The same layers for n = 2; imports of nomic checkpoints record 1 when n > 2.
+  moe_layer_offset: int = -1
   num_experts: int = 8  # E
   top_k: int = 2  # K
-  renormalize_topk: bool = False  # Released model: off (megablocks default).
+  # Top-k weights divided by their p-norm, p = this value (megablocks'
+  # moe_normalize_expert_weights): 0/False off (the released model), 1/True their sum.
+  renormalize_topk: float = False
   # Per-expert bias on w1 (upcycling a dense MLP with its biases kept).
   expert_w1_bias: bool = False
   moe_dispatch: str = "dropless"  # 'dropless' (sort + grouped matmul) or 'capacity'.
@@ -70,6 +75,9 @@ class EncoderConfig:
           f"num_heads={self.num_heads}.")
     if self.moe_every_n_layers < 0:
       raise ValueError(f"moe_every_n_layers={self.moe_every_n_layers} must be >= 0.")
+    if self.renormalize_topk < 0:
+      raise ValueError(f"renormalize_topk={self.renormalize_topk} must be >= 0 (0: off, p: "
+                       "divide the top-k weights by their p-norm).")
     if self.moe_every_n_layers and not 1 <= self.top_k <= self.num_experts:
       raise ValueError(
           f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}.")
@@ -91,7 +99,7 @@ class EncoderConfig:
 
   def is_moe_layer(self, i: int) -> bool:
     n = self.moe_every_n_layers
-    return bool(n) and i % n == n - 1
+    return bool(n) and i % n == self.moe_layer_offset % n
 
   @property
   def moe_layers(self) -> tuple[int, ...]:

@@ -4,7 +4,8 @@ Axis letters: T tokens, D model width, E experts, K experts per token.
 The router is a bias-free linear map to E logits in float32; a softmax over all
 E experts gives the probabilities and the top-k of them pick the experts. The
 k weights are the probabilities themselves (the released model) or, with
-`renormalize`, rescaled to sum to one. Padding tokens get zero weights; their
+`renormalize` = p > 0, divided by their p-norm (megablocks' normalisation; p = 1
+is their sum, since the weights are positive). Padding tokens get zero weights; their
 statistics are left out in `router_stats`.
 """
 
@@ -28,14 +29,21 @@ class Routing:
   valid: jax.Array  # bool [T]; False for padding tokens.
 
 
+def topk_norm(weights: jax.Array, p: float) -> jax.Array:
+  """[T, 1]: the p-norm of each token's k (positive) weights [T, K]; p = 1 is their sum."""
+  if p == 1:
+    return jnp.sum(weights, axis=-1, keepdims=True)
+  return jnp.sum(weights ** p, axis=-1, keepdims=True) ** (1.0 / p)
+
+
 def route(x: jax.Array, kernel: jax.Array, valid: jax.Array, top_k: int,
-          renormalize: bool) -> Routing:
+          renormalize: float) -> Routing:
   """x [T, D], kernel [D, E] (float32), valid bool [T] -> Routing."""
   logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
   probs = jax.nn.softmax(logits, axis=-1)
   weights, experts = jax.lax.top_k(probs, top_k)
   if renormalize:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights / topk_norm(weights, float(renormalize))
   weights = weights * valid[:, None]
   return Routing(experts.astype(jnp.int32), weights, probs, logits, valid)
