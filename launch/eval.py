@@ -10,10 +10,14 @@ latest checkpoint), encoded with the model's own token limit unless
 --query_prefix= (empty) to encode without one. A --beir folder without
 corpus.jsonl whose subfolders are BEIR folders (MIRACL: one per language) is
 scored per subfolder, with a "<folder>/average" row. --dims scores every
-Matryoshka width from one encoding pass; --routing adds router statistics (MoE
-models). Prints tables and, with --output, writes
+Matryoshka width from one encoding pass, and so does --quantize=int8,binary for
+storage precisions (sentence-transformers' quantize_embeddings conventions: int8
+ranges calibrated on the first document chunk, packed binary ranked by Hamming
+distance; --rescore_multiplier re-ranks with the float query); --routing adds
+router statistics (MoE models). Prints tables and, with --output, writes
 {"<folder name>": {"ndcg@10", "recall@10", "recall@100", "mrr@10", "num_queries",
-"num_docs", ..., "dims"?: {"<width>": {...}}, "routing"?: {...}}, ...,
+"num_docs", ..., "dims"?: {"<width>": {...}}, "quantize"?: {"int8"|"binary": {...,
+"bytes_per_vector"}}, "routing"?: {...}}, ...,
 "average": {...}, "mteb"?: {"<task>": {"main_score", "scores", "dims"?}}} as JSON.
 """
 
@@ -50,6 +54,12 @@ _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 8192,
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None,
                                    "Tokens per text; default: the model's own token limit.")
 _SPLIT = flags.DEFINE_string("split", "test", "Qrels file: qrels/<split>.tsv.")
+_QUANTIZE = flags.DEFINE_list(
+    "quantize", [], "Storage precisions (int8, binary) all scored from one encoding, each with "
+    "its bytes per vector.")
+_RESCORE = flags.DEFINE_integer(
+    "rescore_multiplier", 0, "With --quantize: re-rank the top N x 101 quantized hits with the "
+    "float query; 0 ranks by the quantized scores alone.")
 flags.mark_flag_as_required("model")
 
 
@@ -94,6 +104,12 @@ def main(argv):
   if _OUTPUT.value:
     _check_output(_OUTPUT.value)
   dims = _dims()
+  from moe_embed.evaluation import quantization
+  precisions = quantization.check_precisions(_QUANTIZE.value)
+  if _RESCORE.value < 0 or (_RESCORE.value and not precisions):
+    raise ValueError(f"--rescore_multiplier={_RESCORE.value} must be >= 0 and needs --quantize.")
+  if precisions and _MTEB_TASKS.value and not _BEIR.value:
+    raise ValueError("--quantize scores --beir folders; MTEB tasks are scored in float32.")
   # Folders and task names first: bad input fails in seconds, before a model is loaded.
   datasets = [beir.load_beir(folder, _SPLIT.value, name=name)
               for name, folder in beir.expand_folders(_BEIR.value)]
@@ -118,7 +134,8 @@ def main(argv):
     results = evaluation.evaluate_beir(
         embedder, datasets, dim=_DIM.value, dims=dims, batch_size=_BATCH_SIZE.value,
         query_prefix=_QUERY_PREFIX.value, doc_prefix=_DOC_PREFIX.value, split=_SPLIT.value,
-        show_progress=True, routing=_ROUTING.value, chunk_size=_CHUNK_SIZE.value)
+        show_progress=True, routing=_ROUTING.value, chunk_size=_CHUNK_SIZE.value,
+        quantize=precisions, rescore_multiplier=_RESCORE.value)
   if mteb_tasks:
     encoder = mteb_eval.MtebEncoder(
         embedder, dim=_DIM.value, batch_size=_BATCH_SIZE.value,

@@ -8,7 +8,9 @@ Modules: `beir` (reading and checking folders, MIRACL-style folders of
 languages), `search` (exact top-k in JAX), `metrics` (nDCG, recall, MRR as
 trec_eval computes them), `evaluator` (the pipeline: Matryoshka widths from one
 encoding, router statistics, chunked encoding), `mteb` (MTEB tasks through the
-`mteb` package; imported on its own, as it needs the [mteb] extra).
+`mteb` package; imported on its own, as it needs the [mteb] extra), `quantization`
+(int8 and binary storage precisions with sentence-transformers' conventions, scored
+by `evaluator` from the same encoding).
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ first `dim` dimensions are kept and re-normalised (Matryoshka).
 Queries are encoded first; documents are then encoded a chunk at a time and
 each chunk is searched at every requested Matryoshka width and merged into a
 running top-k, so a large corpus (a MIRACL language) never holds all its
-embeddings at once, and every width comes from one encoding pass.
+embeddings at once, and every width comes from one encoding pass. So does
+every storage precision (`quantize`: int8, binary; see `quantization`): the
+first document chunk calibrates the int8 ranges, and each chunk is quantized
+and searched with the quantized queries; with rescoring the quantized chunks
+are kept (1 or 1/32 of the float32 bytes) for the final float re-ranking.
 
 As BEIR does, a retrieved document whose id equals the query's id is dropped
 before scoring (BEIR's `ignore_identical_ids`, on by default): one extra hit is
@@ -25,7 +29,7 @@ from absl import logging
 import numpy as np
 import tqdm
 
-from moe_embed.evaluation import beir, metrics, search
+from moe_embed.evaluation import beir, metrics, quantization, search
 from moe_embed.moe import router_stats
 
 EncodeFn = Callable[[Sequence[str], str], np.ndarray]  # (texts, prefix) -> [n, d]
@@ -143,7 +147,8 @@ def _unscorable_reason(data: beir.BeirData) -> str:
 def evaluate_data(encoder: Encoder, data: beir.BeirData, *, dim: Optional[int] = None,
                   dims: Sequence[int] = (), batch_size: int = 64, query_prefix: str = "",
                   doc_prefix: str = "", show_progress: bool = False, routing: bool = False,
-                  chunk_size: int = _ENCODE_CHUNK) -> dict[str, Any]:
+                  chunk_size: int = _ENCODE_CHUNK, quantize: Sequence[str] = (),
+                  rescore_multiplier: int = 0) -> dict[str, Any]:
   """Metrics of one loaded folder: METRIC_KEYS, num_queries, skipped_queries, num_docs.
 
   Documents are encoded `chunk_size` at a time and each chunk is searched and
@@ -151,13 +156,24 @@ def evaluate_data(encoder: Encoder, data: beir.BeirData, *, dim: Optional[int] =
   [num_queries, TOP] results whatever the corpus size. The metrics are those of
   width `dim` (None = full); with `dims`, entry "dims" maps each width to its
   metrics, all from the same encoding. With `routing`, entry "routing" holds
-  the router statistics of queries and documents (summarize_routing).
+  the router statistics of queries and documents (summarize_routing). With
+  `quantize` (precisions of `quantization.PRECISIONS`), entry "quantize" maps
+  each to its metrics at width `dim`, from the same encoding, ranked by the
+  quantized scores or, with rescore_multiplier m > 0, the top m x 101 of them
+  re-ranked by the float query; every row then gives "bytes_per_vector".
   A folder where no query can be scored has metrics None and "unscored" says why.
   """
+  precisions = quantization.check_precisions(quantize)
+  if rescore_multiplier < 0:
+    raise ValueError(f"rescore_multiplier={rescore_multiplier} must be >= 0 (0: no rescoring).")
   widths = [dim] + [d for d in dims if d != dim]
   k = TOP + 1  # One extra: a document with the query's own id is dropped (module doc).
   best: dict[Optional[int], Any] = {w: None for w in widths}
   stats = {"queries": [], "documents": []}
+  kq = k * max(1, rescore_multiplier)  # Candidates kept by the quantized scores.
+  qbest: dict[str, Any] = {p: None for p in precisions}
+  kept: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
+  ranges, q_quantized = None, {}
   if data.query_ids and data.doc_ids:
     raw = _encode(encoder, data.query_texts, query_prefix, batch_size=batch_size,
                   show_progress=show_progress, desc=f"{data.name} queries", routing=routing)
@@ -178,12 +194,42 @@ def evaluate_data(encoder: Encoder, data: beir.BeirData, *, dim: Optional[int] =
         for w in widths:
           scores, idx = search.top_k(queries[w], normalize(raw, w), k)
           best[w] = _merge(best[w], scores, idx + start, k)
+        if precisions:
+          docs = normalize(raw, dim)
+          if ranges is None and "int8" in precisions:
+            ranges = quantization.int8_ranges(docs)  # Calibrated on the first chunk.
+          for p in precisions:
+            if p not in q_quantized:
+              q_quantized[p] = quantization.quantize(queries[dim], p, ranges)
+            quantized = quantization.quantize(docs, p, ranges)
+            scores, idx = quantization.top_k(q_quantized[p], quantized, p, docs.shape[1], kq)
+            qbest[p] = _merge(qbest[p], scores, idx + start, kq)
+            if rescore_multiplier:
+              kept[p].append(quantized)
         bar.update(len(texts))
   runs = {w: (_to_run(*best[w], data.query_ids, data.doc_ids, TOP) if best[w] is not None
               else {}) for w in widths}
   result: dict[str, Any] = _scored(runs[dim], data)
+  full = getattr(getattr(encoder, "config", None), "embedding_dim", None)
+  width_of = lambda w: w or (queries[dim].shape[1] if data.query_ids and data.doc_ids else full)
   if dims:
     result["dims"] = {str(w): _scored(runs[w], data) for w in widths if w in dims}
+  if precisions:  # Bytes per vector next to every score: float32 rows too.
+    if width_of(dim):
+      result["bytes_per_vector"] = quantization.bytes_per_vector("float32", width_of(dim))
+    for w in dims:
+      result["dims"][str(w)]["bytes_per_vector"] = quantization.bytes_per_vector("float32", w)
+    result["quantize"] = {}
+    for p in precisions:
+      found = qbest[p]
+      if found is not None and rescore_multiplier:
+        found = quantization.rescore(queries[dim], np.concatenate(kept[p]), found[1], p, k,
+                                     ranges)
+      run = _to_run(*found, data.query_ids, data.doc_ids, TOP) if found is not None else {}
+      result["quantize"][p] = _scored(run, data)
+      if width_of(dim):
+        result["quantize"][p]["bytes_per_vector"] = quantization.bytes_per_vector(
+            p, width_of(dim))
   if routing:
     top_k = getattr(getattr(encoder, "config", None), "top_k", 1)
     result["routing"] = {part: summarize_routing(_add_stats(s), top_k)
@@ -240,7 +286,8 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
                   dim: Optional[int] = None, dims: Sequence[int] = (), batch_size: int = 64,
                   query_prefix: Optional[str] = None, doc_prefix: Optional[str] = None,
                   split: str = "test", show_progress: bool = False, routing: bool = False,
-                  chunk_size: int = _ENCODE_CHUNK) -> dict[str, dict[str, Any]]:
+                  chunk_size: int = _ENCODE_CHUNK, quantize: Sequence[str] = (),
+                  rescore_multiplier: int = 0) -> dict[str, dict[str, Any]]:
   """{folder name: metrics, ..., "average": means over folders}.
 
   Args:
@@ -257,6 +304,10 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
     show_progress: tqdm bars while encoding and searching.
     routing: add each folder's router statistics (an Embedder of an MoE model).
     chunk_size: documents encoded and searched at a time (bounds memory).
+    quantize: storage precisions ('int8', 'binary') scored from the same encoding:
+      each folder's entry gains "quantize": {"<precision>": metrics}.
+    rescore_multiplier: 0 ranks by the quantized scores; m > 0 re-ranks their
+      top m x 101 with the float query (evaluate_data).
 
   Returns:
     Per folder "ndcg@10", "recall@10", "recall@100", "mrr@10" (means over queries
@@ -271,6 +322,7 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
     beir_dirs = [d for d in beir_dirs.split(",") if d]
   if batch_size <= 0 or chunk_size <= 0:
     raise ValueError(f"batch_size={batch_size} and chunk_size={chunk_size} must be positive.")
+  quantization.check_precisions(quantize)
   for d in ([dim] if dim is not None else []) + list(dims):
     if d <= 0:
       raise ValueError(f"dim={d} must be positive (or None for the full width).")
@@ -297,7 +349,8 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
     results[data.name] = evaluate_data(encode_fn, data, dim=dim, dims=dims,
                                        batch_size=batch_size, query_prefix=q_prefix,
                                        doc_prefix=d_prefix, show_progress=show_progress,
-                                       routing=routing, chunk_size=chunk_size)
+                                       routing=routing, chunk_size=chunk_size,
+                                       quantize=quantize, rescore_multiplier=rescore_multiplier)
     if results[data.name].get("unscored"):
       logging.warning("BEIR folder %s: no query can be scored (%s); it is left out of the "
                       "average.", data.name, results[data.name]["unscored"])
@@ -323,24 +376,34 @@ def average_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     average[k] = int(sum(r[k] for r in rows))
   average["num_folders"] = len(rows)
   average["unscored_folders"] = len(rows) - len(scored)
-  widths = [w for w in rows[0].get("dims", {})] if rows else []
-  if widths and all(set(r.get("dims", {})) == set(widths) for r in rows):
-    average["dims"] = {w: average_rows([r["dims"][w] for r in rows]) for w in widths}
-    for w in widths:
-      for k in ("num_folders", "unscored_folders"):
-        average["dims"][w].pop(k)
+  if rows and all("bytes_per_vector" in r for r in rows) and len(
+      {r["bytes_per_vector"] for r in rows}) == 1:
+    average["bytes_per_vector"] = rows[0]["bytes_per_vector"]
+  for sub in ("dims", "quantize"):
+    keys = [w for w in rows[0].get(sub, {})] if rows else []
+    if keys and all(set(r.get(sub, {})) == set(keys) for r in rows):
+      average[sub] = {w: average_rows([r[sub][w] for r in rows]) for w in keys}
+      for w in keys:
+        for k in ("num_folders", "unscored_folders"):
+          average[sub][w].pop(k)
   return average
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
   """A fixed-width text table of evaluate_beir's results: one row per folder and,
-  where Matryoshka widths were scored, one per folder and width ("name @256")."""
+  where Matryoshka widths were scored, one per folder and width ("name @256"),
+  and one per storage precision ("name int8"); bytes per vector in the last column."""
   cols = metrics.METRIC_KEYS + ("num_queries", "num_docs")
   rows = []
   for name, r in results.items():
     rows.append((name, r))
     for width, sub in r.get("dims", {}).items():
       rows.append((f"{name} @{width}", sub))
+    for precision, sub in r.get("quantize", {}).items():
+      rows.append((f"{name} {precision}", sub))
+  with_bytes = any("bytes_per_vector" in r for _, r in rows)
+  if with_bytes:
+    cols += ("bytes/vector",)
   width = max([len("dataset")] + [len(n) for n, _ in rows])
   lines = [f"{'dataset':<{width}}  " + "  ".join(f"{c:>11}" for c in cols)]
   for name, r in rows:
@@ -349,6 +412,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     else:
       cells = [f"{r[c]:>11.4f}" for c in metrics.METRIC_KEYS]
     cells += [f"{int(r[c]):>11d}" for c in ("num_queries", "num_docs")]
+    if with_bytes:
+      cells.append(f"{r['bytes_per_vector']:>12d}" if "bytes_per_vector" in r else " " * 12)
     line = f"{name:<{width}}  " + "  ".join(cells)
     if r.get("unscored"):
       line += f"  (not scored: {r['unscored']})"
