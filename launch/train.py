@@ -49,16 +49,22 @@ flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries:
-  """Drops INFO chatter of checkpointing internals; warnings and errors pass."""
+  """Drops INFO chatter of checkpointing internals, and the tracebacks Orbax logs for a
+  failed save (the run reports that failure itself, in one line); warnings pass."""
 
   def filter(self, record):
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= 30 and not (record.levelno >= 40 and cli.quiet())
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if cli.quiet():  # A failed save's abandoned writes: "Task exception was never retrieved".
+    import logging as py_logging
+    py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
   import jax
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
@@ -79,9 +85,15 @@ def main(argv):
   except trainer.ConfigError as e:
     print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
-  except (trainer.TrainingDiverged, checkpoints.CheckpointError,
+  except (trainer.TrainingDiverged, trainer.OutOfMemory, checkpoints.CheckpointError,
           workdir_lib.WorkdirLocked) as e:
-    print(f"Error: {cli.one_line(e)}", file=sys.stderr)
+    print(f"\nError: {cli.one_line(e)}", file=sys.stderr)  # On a line of its own, after tqdm.
+    if isinstance(e, checkpoints.CheckpointError):
+      # A failed save leaves TensorStore writes that end after their event loop closed;
+      # at interpreter shutdown each prints a traceback. Everything saved is on disk.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
     sys.exit(1)
   if result.get("preempted"):  # Saved; a scheduler reruns the command to resume.
     sys.exit(cli.EXIT_INTERRUPTED if result.get("signal") == "SIGINT" else cli.EXIT_PREEMPTED)

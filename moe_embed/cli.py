@@ -69,6 +69,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
   return tuple(errors)
 
 
+def quiet() -> bool:
+  """Whether expected failures are one line (no --verbosity=1, no MOE_EMBED_TRACEBACK)."""
+  return not _verbose()
+
+
 def _fail(error: BaseException, what: str = "Error") -> None:
   if _verbose():
     raise error

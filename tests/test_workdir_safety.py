@@ -361,3 +361,56 @@ def test_export_without_transformers_is_one_line(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="needs the transformers package.*pip install"):
     st_export.export(params, config, meta, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_out_of_memory_names_the_batch_the_bytes_and_the_fields():
+  from moe_embed.train import trainer
+  from tests.test_formats import FIXTURE, _config
+  c = _config(FIXTURE)
+  c.batch_size, c.grad_cache_chunk = 4096, 0
+  error = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.\n"
+      "BufferAssignment OOM Debugging.\n" + "allocation 0: size 4096\n" * 40)
+  message = str(trainer._out_of_memory(error, c, planned=int(3.25 * 2**30)))
+  assert "\n" not in message
+  for needle in ("batch_size=4096 x 24 tokens", "the step plans 3.25 GiB per device",
+                 "an allocation of 12.50GiB failed", "grad_cache_chunk (now 0)",
+                 "encoder.remat=True (now False)", "Lower batch_size"):
+    assert needle in message, message
+
+
+FULL_DISK = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Writes past the limit fail with EFBIG.
+from moe_embed.io import checkpoints
+real, calls = checkpoints.save, []
+
+def save(manager, step, state, data_state):
+  calls.append(step)
+  if len(calls) == 1:  # The disk fills up while the first checkpoint is written.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+  return real(manager, step, state, data_state)
+
+checkpoints.save = save
+runpy.run_path("launch/train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_at_the_failed_save_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  from tests.test_reliability import DATA, REPO, _one_line_error
+  from tests.test_gcs import SMALL
+  workdir = str(tmp_path / "w")
+  args = ["--config=configs/finetune.py:tiny", f"--workdir={workdir}", f"--config.data={DATA}",
+          *[a for a in SMALL if "total_steps" not in a], "--config.total_steps=40",
+          "--config.eval.enabled=False"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
+  env.pop("MOE_EMBED_TRACEBACK", None)
+  # stderr through a pipe: the file size limit applies to the files the run writes.
+  proc = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  line = _one_line_error(proc, "Saving the checkpoint of step 2 ", "failed", "stopped at step")
+  stopped = int(line.split("stopped at step ")[1].split(".")[0])
+  assert 2 < stopped < 40, line  # It did not train on past the failed save.

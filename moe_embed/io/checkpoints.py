@@ -131,9 +131,31 @@ def check_digest(state: Any, saved: dict, where: str) -> None:
                             f"({bad[0]}{more})")
 
 
+def _drop_closed_loop_reports() -> None:
+  """Keeps "RuntimeError: Event loop is closed" reports of TensorStore off stderr.
+
+  When a save or read fails, TensorStore completes the other pending writes
+  after Orbax closed their event loop, and each completion's callback prints
+  that traceback through sys.excepthook (hundreds on a full disk). The failure
+  itself is raised to the caller; other exceptions still reach the hook.
+  """
+  previous = sys.excepthook
+  if getattr(previous, "_drops_closed_loops", False):
+    return
+
+  def hook(kind, value, tb):
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  hook._drops_closed_loops = True
+  sys.excepthook = hook
+
+
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
   # Step folders are made before save() returns, so a workdir that cannot be
   # written fails there and then, not in a background thread minutes later.
+  _drop_closed_loop_reports()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
@@ -141,8 +163,22 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
                                item_handlers=_handlers())
 
 
+# id(manager) -> the step of its last save started, named when that save fails later.
+_LAST_SAVE: dict[int, int] = {}
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:
-  """Starts an (async) save of the train state, the iterator position and their digest."""
+  """Starts an (async) save of the train state, the iterator position and their digest.
+
+  A failure of the previous save is raised first, naming that save's step.
+  """
+  try:
+    with _quiet_readers():
+      manager.wait_until_finished()  # What manager.save does first, but raising here
+  except Exception as e:  # pylint: disable=broad-except  names the step that failed.
+    raise _save_failed(manager, e, step) from e
+  check_saves(manager, step)
+  _LAST_SAVE[id(manager)] = step
   try:
     digest = {"version": DIGEST_VERSION, "arrays": array_digest(state)}
     manager.save(step, args=ocp.args.Composite(
@@ -270,13 +306,29 @@ def _restore_step(manager: ocp.CheckpointManager, abstract_state: Any, step: int
   return abstract_state.replace(**fields), dict(restored["data"])
 
 
-def check_saves(manager: ocp.CheckpointManager) -> None:
-  """Raises CheckpointError if an asynchronous save has failed since the last check."""
+def check_saves(manager: ocp.CheckpointManager, step: Optional[int] = None) -> None:
+  """Raises CheckpointError if an asynchronous save has failed since the last check.
+
+  The trainer calls it after every step, so a run stops at the step where a
+  failed save (a full disk, a lost bucket) is found, and the message names the
+  step whose save failed and the one the run stopped at.
+  """
   try:
-    manager.check_for_errors()
+    with _quiet_readers():
+      manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except  (whatever the writer raised)
-    raise CheckpointError(f"Saving a checkpoint to {manager.directory} failed: "
-                          f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+    raise _save_failed(manager, e, step) from e
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: BaseException,
+                 step: Optional[int]) -> CheckpointError:
+  saved = _LAST_SAVE.get(id(manager))
+  what = f"the checkpoint of step {saved}" if saved is not None else "a checkpoint"
+  where = f"; the run stopped at step {step}" if step is not None else ""
+  return CheckpointError(
+      f"Saving {what} to {manager.directory} failed ({type(error).__name__}: "
+      f"{' '.join(str(error).split())[:300]}){where}. Free space or fix the workdir, then "
+      "rerun to resume from the newest checkpoint that restores.")
 
 
 def latest_params(workdir: str) -> tuple[Any, int]:

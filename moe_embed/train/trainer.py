@@ -30,11 +30,15 @@ from moe_embed.train import workdir as workdir_lib
 from moe_embed.train.config import ConfigError
 from moe_embed.train.metric_writer import MetricWriter
 
-__all__ = ["ConfigError", "TrainingDiverged", "train_and_evaluate"]
+__all__ = ["ConfigError", "OutOfMemory", "TrainingDiverged", "train_and_evaluate"]
 
 
 class TrainingDiverged(RuntimeError):
   """The loss or gradient norm became non-finite; nothing after the last good step was saved."""
+
+
+class OutOfMemory(RuntimeError):
+  """The train step does not fit in device memory (XLA RESOURCE_EXHAUSTED)."""
 
 
 @dataclasses.dataclass
@@ -53,6 +57,7 @@ class _Run:
   writer: MetricWriter
   evaluator: "_Evaluator"
   is_chief: bool
+  planned_bytes: Optional[int] = None  # Per device, from the compiled step's memory analysis.
   signal_received: Optional[str] = None  # 'SIGTERM' or 'SIGINT' once one stopped the run.
 
 
@@ -120,7 +125,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.eval.at_start and run.start_step == 0 and run.evaluator.beir_dirs:
     initial_eval = run.evaluator(0, run.state.params["model"])
     logging.info("Untrained model: nDCG@10 %.4f", initial_eval["average"]["ndcg@10"])
-  step, last_metrics, preempted = _train(run, stop_at_step)
+  try:
+    step, last_metrics, preempted = _train(run, stop_at_step)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise _out_of_memory(e, config, run.planned_bytes) from None
   if preempted:
     logging.warning("Stopped at step %d; rerun the same command to resume.", step)
     return {"preempted": True, "step": step, "metrics": last_metrics,
@@ -221,6 +231,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
     compile_start = time.time()
     compiled = run.step_fn.lower(run.state, _global_batch(first, run.batch_sharding)).compile()
     _log_compiled(compiled, time.time() - compile_start)
+    run.planned_bytes = _planned_bytes(compiled)
     pending = first
     bar = tqdm.tqdm(total=config.total_steps, initial=run.start_step, desc="train",
                     disable=not run.is_chief, dynamic_ncols=True)
@@ -235,6 +246,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
       window.append(metrics)
       step += 1
       bar.update(1)
+      checkpoints.check_saves(run.manager, step)  # A failed save stops the run here.
       if step % config.log_every_steps == 0 or step == config.total_steps:
         fetched = jax.device_get(window)
         _check_finite(run, fetched, step)
@@ -245,12 +257,12 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
         bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                         tok_s=f"{last_metrics['tokens_per_s']:.0f}")
         window, window_start = [], time.time()
-        checkpoints.check_saves(run.manager)
+        checkpoints.check_saves(run.manager, step)
       if stop_at_step is not None and step >= stop_at_step:
         preemption.requested = True
       if step % config.checkpoint_every_steps == 0 or preemption.requested:
         _check_finite(run, jax.device_get(window), step)  # Never save a diverged state.
-        checkpoints.check_saves(run.manager)
+        checkpoints.check_saves(run.manager, step)
         checkpoints.save(run.manager, step, run.state, run.batches.get_state())
       if preemption.requested:
         break
@@ -260,7 +272,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
   if not preemption.requested and run.manager.latest_step() != step:
     checkpoints.save(run.manager, step, run.state, run.batches.get_state())
   run.manager.wait_until_finished()
-  checkpoints.check_saves(run.manager)
+  checkpoints.check_saves(run.manager, step)
   run.batches.close()
   if preemption.requested:
     run.writer.close()
@@ -335,6 +347,42 @@ def _summarise(window: list[dict[str, Any]], elapsed: float) -> dict[str, float]
   out.pop("tokens", None)
   out["lr"] = float(window[-1]["lr"])
   return out
+
+
+def _planned_bytes(compiled) -> Optional[int]:
+  """Bytes per device the compiled step needs: arguments, outputs and temporaries."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  (not every backend reports memory)
+    return None
+
+
+def _out_of_memory(error: Exception, config: ml_collections.ConfigDict,
+                   planned: Optional[int]) -> OutOfMemory:
+  """One line: the batch, the bytes planned and asked for, and the fields that lower them."""
+  import re
+  asked = re.search(r"allocate ([0-9.]+\s*[KMGT]?i?B|[0-9]+ bytes)", str(error))
+  limit = None
+  try:
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except  (CPU devices report no memory stats)
+    pass
+  gib = lambda n: f"{n / 2**30:.2f} GiB"
+  sizes = []
+  if planned:
+    sizes.append(f"the step plans {gib(planned)} per device")
+  if asked:
+    sizes.append(f"an allocation of {asked.group(1)} failed")
+  if limit:
+    sizes.append(f"the device has {gib(limit)}")
+  tokens = max(int(config.input.max_query_len), int(config.input.max_doc_len))
+  return OutOfMemory(
+      f"Out of device memory for a batch of batch_size={config.batch_size} x {tokens} tokens"
+      f" ({'; '.join(sizes) or 'XLA RESOURCE_EXHAUSTED'}). Lower batch_size, set "
+      f"grad_cache_chunk (now {config.grad_cache_chunk}) to a divisor of batch_size, or set "
+      f"encoder.remat=True (now {config.encoder.get('remat', False)}).")
 
 
 def _log_compiled(compiled, seconds: float) -> None:
