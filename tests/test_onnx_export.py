@@ -98,6 +98,11 @@ def exported(request):
   return request.getfixturevalue(request.param)
 
 
+# Where a test's MoE run adds little beyond the dense one: slow (-m slow runs it).
+DENSE_THEN_SLOW_MOE = pytest.mark.parametrize(
+    "which", ["dense", pytest.param("moe", marks=pytest.mark.slow)])
+
+
 def test_folder_holds_both_graphs_with_dynamic_axes(exported):
   assert exported.ids.shape == (len(ONNX_TEXTS), exported.meta["max_length"])
   assert exported.mask.sum(1).max() == exported.meta["max_length"]  # A text at the limit.
@@ -132,7 +137,9 @@ def test_onnx_equals_jax_on_two_shapes_from_one_graph(exported):
   assert _cosine(got, exported.jax(ids, mask)[0]).min() >= 0.9999
 
 
-def test_onnx_embedder_reads_the_folder_tokenizer_and_prompts(exported):
+@DENSE_THEN_SLOW_MOE
+def test_onnx_embedder_reads_the_folder_tokenizer_and_prompts(which, request):
+  exported = request.getfixturevalue(which)
   embedder = onnx_runtime.OnnxEmbedder(exported.folder)
   assert embedder.max_length == exported.meta["max_length"]
   got = embedder.encode(ONNX_TEXTS, batch_size=4)  # Length-sorted batches of 4.
@@ -144,7 +151,9 @@ def test_onnx_embedder_reads_the_folder_tokenizer_and_prompts(exported):
   np.testing.assert_allclose(embedder.encode(ONNX_TEXTS[:4], prefix="query"), want, atol=1e-5)
 
 
-def test_int8_graph_is_close_to_float32(exported):
+@DENSE_THEN_SLOW_MOE
+def test_int8_graph_is_close_to_float32(which, request):
+  exported = request.getfixturevalue(which)
   model = onnx.load(os.path.join(exported.folder, "onnx", "model_qint8.onnx"))
   ops = [n.op_type for n in model.graph.node]
   assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops, set(ops)
@@ -246,8 +255,9 @@ def _launch(*args):
     (["--format=tflite"], "--format"),
     (["--format=onnx", "--quantize=int4"], "--quantize"),
     (["--quantize=int8"], "--format=onnx"),
-    (["--format=onnx", "--model={tmp}"], "is not a model"),
-    (["--format=onnx", "--out={file}/out"], "is a file, not a folder"),
+    pytest.param(["--format=onnx", "--model={tmp}"], "is not a model", marks=pytest.mark.slow),
+    pytest.param(["--format=onnx", "--out={file}/out"], "is a file, not a folder",
+                 marks=pytest.mark.slow),
 ])
 def test_export_bad_input_is_one_line(args, needle, tmp_path):
   (tmp_path / "file").write_text("")
@@ -281,3 +291,14 @@ def test_p_norm_routing_and_nomic_placement_equal_jax():
   got = onnx_runtime.mean_pool_normalize(hidden, mask)
   want, _ = EmbeddingModel(cfg).apply({"params": params}, ids, mask)
   assert _cosine(got, np.asarray(want)).min() >= 0.9999
+
+
+def test_large_weights_go_to_external_data_beside_the_graph(dense, tmp_path, monkeypatch):
+  monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)  # As a 2 GB model would.
+  path = str(tmp_path / "onnx" / "model.onnx")
+  onnx_export.save(onnx_export.build_model(dense.params, dense.config), path)
+  assert os.path.getsize(path) < 1_000_000
+  assert os.path.getsize(path + "_data") > 80_000_000
+  ids, mask = dense.ids[:4, :40], dense.mask[:4, :40]
+  got = dense.onnx_embed(onnx_runtime.session(path), ids, mask)
+  np.testing.assert_allclose(got, dense.onnx_embed(dense.session, ids, mask), atol=1e-6)

@@ -3,8 +3,8 @@
 The evaluator's quantized runs (documents encoded and searched in chunks, int8
 ranges from the first chunk) are checked against an independent whole-corpus
 NumPy implementation on a small BEIR folder, with and without float rescoring:
-sentence-transformers' `quantize_embeddings` where it is installed, else the
-same formulas written out here; Hamming distances by popcount of XOR.
+`quantize_embeddings`' formulas written out here (and ours checked against
+sentence-transformers' own); Hamming distances by popcount of XOR.
 """
 
 import os
@@ -45,14 +45,8 @@ def folder(tmp_path_factory):
   return beir.load_beir(_write(tmp_path_factory.mktemp("beir"), corpus, queries, qrels))
 
 
-def _st_quantize(x, precision, ranges):
-  """sentence-transformers' quantize_embeddings, or the same formulas if it is absent."""
-  try:
-    from sentence_transformers.util.quantization import quantize_embeddings
-  except ImportError:
-    quantize_embeddings = None
-  if quantize_embeddings is not None:
-    return quantize_embeddings(x, precision, ranges=ranges if precision == "int8" else None)
+def _np_quantize(x, precision, ranges):
+  """quantize_embeddings' formulas, written out (the next test checks ours against it)."""
   if precision == "int8":
     steps = (ranges[1] - ranges[0]) / 255
     return (np.clip(np.floor((x - ranges[0]) / steps), 0, 255) - 128).astype(np.int8)
@@ -64,7 +58,7 @@ def _reference_run(data, precision, chunk, multiplier):
   norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   docs, queries = norm(_encode(data.doc_texts, "")), norm(_encode(data.query_texts, ""))
   ranges = np.stack([docs[:chunk].min(0), docs[:chunk].max(0)])
-  qd, qq = _st_quantize(docs, precision, ranges), _st_quantize(queries, precision, ranges)
+  qd, qq = _np_quantize(docs, precision, ranges), _np_quantize(queries, precision, ranges)
   if precision == "int8":
     scores = qq.astype(np.int64) @ qd.astype(np.int64).T
   else:
@@ -109,6 +103,7 @@ def test_quantized_scores_equal_a_whole_corpus_numpy_reference(folder, multiplie
   assert got["quantize"]["int8"]["ndcg@10"] != got["quantize"]["binary"]["ndcg@10"]
 
 
+@pytest.mark.slow  # Imports sentence-transformers (torch): ~10 s.
 def test_quantize_matches_sentence_transformers_and_scores_hamming_exactly():
   st = pytest.importorskip("sentence_transformers.util.quantization")
   rng = np.random.default_rng(0)
@@ -141,6 +136,7 @@ def _launch(script, *args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_encode_writes_quantized_embeddings_from_one_float_encoding(tmp_path):
   texts = tmp_path / "texts.txt"
   texts.write_text("\n".join(["first text", "a second one", "ünïcödé", "short", "q"]) + "\n")
@@ -156,7 +152,7 @@ def test_encode_writes_quantized_embeddings_from_one_float_encoding(tmp_path):
     outs[q] = np.load(out)
   ranges = np.load(str(tmp_path / "int8.ranges.npy"))
   np.testing.assert_array_equal(ranges, quantization.int8_ranges(outs[None]))
-  np.testing.assert_array_equal(outs["int8"], _st_quantize(outs[None], "int8", ranges))
+  np.testing.assert_array_equal(outs["int8"], _np_quantize(outs[None], "int8", ranges))
   assert outs["int8"].dtype == np.int8 and outs["int8"].shape == outs[None].shape
 
 

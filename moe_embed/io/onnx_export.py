@@ -23,8 +23,8 @@ call); the router MatMuls stay float32 so that int8 rounding does not move
 tokens between experts, and so do the MLP down-projections (`FLOAT_MATMULS`). Padding rows of the normalised activations are zeroed,
 so that they cannot widen an activation's int8 range.
 
-Node names: expert matmuls are `layer_{i}/expert_{e}/w1` (and `/w3` for the
-SwiGLU gate, `/w2`), router matmuls `layer_{i}/router`.
+Node names: expert matmuls are `layer_{i}/mlp/expert_{e}/w1` (and `/w3` for the
+SwiGLU gate, `/w2`), router matmuls `layer_{i}/mlp/router`.
 """
 
 from __future__ import annotations
