@@ -90,6 +90,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # False: data without any hard negatives trains with in-batch negatives only
   # (with a logged note) instead of failing.
   c.input.negatives_required = True
+  # Pack each step's texts into rows of pack_length tokens (segment ids, positions
+  # per text; attention, pooling and routing per text) instead of padding every text
+  # to its width. Rows per step are sized from the data at start-up.
+  c.input.packing = False
+  c.input.pack_length = 0  # Tokens per packed row; 0 = max(max_query_len, max_doc_len).
 
   c.seed = 0  # Parameter init, data order.
   c.batch_size = 256  # Global batch (queries per step), split over the mesh.

@@ -272,3 +272,45 @@ def test_stdlib_corpus(tmp_path):
   assert lines[0] == "query-id\tcorpus-id\tscore"
   assert all(line.split("\t")[1] in corpus_ids for line in lines[1:])
   assert len(corpus_ids) == counts["heldout_docs"]
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_packed_batches_hold_the_padded_batches_texts(ds, tokenizer, process_index):
+  """Each process packs its own rows: the texts of its padded batch, unit by unit, with
+  fixed shapes, and a restored state gives the same packed batch."""
+  kw = dict(num_negatives=2, source_weights={"hard": 1.0}, prefetch=0, process_count=2,
+            process_index=process_index)
+  padded_it = _iterator(ds, tokenizer, **kw)
+  packed_it = _iterator(ds, tokenizer, packing=True, pack_length=64, pack_units=4, **kw)
+  assert packed_it.pack_rows == _iterator(ds, tokenizer, packing=True, pack_length=64,
+                                          pack_units=4, **{**kw, "process_index": 0}).pack_rows
+  shapes = set()
+  for _ in range(3):
+    state = packed_it.get_state()
+    padded, packed = next(padded_it), next(packed_it)
+    assert packed_it.get_state() == padded_it.get_state()
+    units, per = packed["query_lengths"].shape
+    assert (units, per) == (2, 2)  # 4 units of 2 queries over 2 processes.
+    rows = packed["packed_ids"].reshape(units, -1)
+    segments = packed["packed_segment_ids"].reshape(units, -1)
+    positions = packed["packed_positions"].reshape(units, -1)
+    for u in range(units):
+      texts = []
+      for i in range(u * per, (u + 1) * per):
+        texts.append(padded["query_ids"][i][padded["query_mask"][i]])
+      for i in range(u * per, (u + 1) * per):
+        texts.append(padded["doc_ids"][i][padded["doc_mask"][i]])
+        texts += [padded["neg_ids"][i, j][padded["neg_mask"][i, j]] for j in range(2)]
+      for s, text in enumerate(texts):
+        np.testing.assert_array_equal(rows[u][segments[u] == s + 1], text)
+        np.testing.assert_array_equal(positions[u][segments[u] == s + 1], np.arange(len(text)))
+    shapes.add(tuple(v.shape for v in packed.values()))
+    again, _ = packed_it.batch_at(state)
+    for key in packed:
+      np.testing.assert_array_equal(again[key], packed[key])
+  assert len(shapes) == 1
+
+
+def test_pack_length_shorter_than_a_text_width_is_named():
+  with pytest.raises(ValueError, match="input.pack_length=32 is shorter than the longest"):
+    data.InputConfig(max_query_len=16, max_doc_len=48, packing=True, pack_length=32)

@@ -13,6 +13,17 @@ A batch (numpy, per process; b = B / P):
   neg_mask bool [b, N, Ld]. With N > 0 only examples that have negatives are
   used; an example with fewer than N repeats its list (hardest first).
 
+With `input.packing` the same texts come packed instead (`moe_embed.data.packing`):
+the global batch is cut into `pack_units` packing units (batch shards x
+GradCache chunks, in batch order), this process packs its own u = pack_units / P
+of them, each unit's q = b / u queries, documents and negatives into R rows of
+pack_length tokens:
+  packed_ids, packed_segment_ids, packed_positions int32 [u * R, pack_length],
+  query_lengths int32 [u, q], doc_lengths int32 [u, q, 1 + N] (tokens each text
+  kept; the positive first), packed_capped int32 [u] (texts capped to fit).
+R is sized once at start-up from the lengths of a sample of every source
+(`packing.size_rows`, the same on every process), so shapes never change.
+
 Prompts and lengths are per source (the reference pretrains with
 `search_query: ` / `search_document: ` next to `classification: ` and
 `clustering: ` sources): each of query_prefix, doc_prefix, max_query_len and
@@ -44,12 +55,13 @@ from typing import Any, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
-from moe_embed.data import dataset
+from moe_embed.data import dataset, packing
 
 # The per-source settings: keys of input.source_prefixes[source] and of
 # dataset_info.json's info["sources"][source].
 SOURCE_FIELDS = dataset.SOURCE_OPTIONS  # Per-source prompts and lengths, checked there.
 MIN_LEN = dataset.MIN_LEN
+PACK_SAMPLE = 1024  # Examples per source whose lengths size the packed rows.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +90,15 @@ class InputConfig:
   # Source name -> any of {query_prefix, doc_prefix, max_query_len, max_doc_len}:
   # wins over the dataset's per-source values and the global fields above.
   source_prefixes: Optional[Mapping[str, Mapping[str, Any]]] = None
+  packing: bool = False  # Pack texts into rows of pack_length tokens (no padding per text).
+  pack_length: int = 0  # Tokens per packed row; 0 = the longer of max_query_len, max_doc_len.
 
   def __post_init__(self):
+    width = max(self.max_query_len, self.max_doc_len)
+    if self.pack_length and self.pack_length < width:
+      raise ValueError(f"input.pack_length={self.pack_length} is shorter than the longest "
+                       f"text width {width} (input.max_query_len / max_doc_len); a text "
+                       "never spans two rows, so raise pack_length or set it to 0.")
     for source, fields in (self.source_prefixes or {}).items():
       where = f"input.source_prefixes[{source!r}]"
       if not isinstance(fields, Mapping):
@@ -147,7 +166,10 @@ class TrainIterator:
 
   def __init__(self, data_dir: str, *, inputs: InputConfig, tokenizer, global_batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
-               state: Optional[dict] = None, prefetch: int = 2):
+               state: Optional[dict] = None, prefetch: int = 2, pack_units: int = 1,
+               pack_rows: int = 0):
+    """pack_units: packing units in the global batch (with input.packing); pack_rows:
+    rows per unit, 0 = sized from the data at start-up."""
     info = dataset.read_info(data_dir)
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
@@ -202,11 +224,40 @@ class TrainIterator:
       raise ValueError("input.source_weights gives every usable source weight 0.")
     self.weights = weights / weights.sum()
     self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
+    self.packing = inputs.packing
+    if self.packing:
+      self._setup_packing(inputs, pack_units, process_count, pack_rows)
     self._state = {"step": 0, "cursors": {s: 0 for s in self.sources}}
     self._prefetch = prefetch
     self._queue: Optional[queue.Queue] = None
     if state is not None:
       self.set_state(state)
+
+  def _setup_packing(self, inputs: InputConfig, pack_units: int, process_count: int,
+                     pack_rows: int) -> None:
+    if pack_units <= 0 or pack_units % process_count or self.batch_size % pack_units:
+      raise ValueError(f"{pack_units} packing units do not split batch_size="
+                       f"{self.batch_size} over {process_count} processes evenly.")
+    self.pack_length = inputs.pack_length or max(self.max_query_len, self.max_doc_len)
+    self.local_units = pack_units // process_count
+    self.texts_per_unit = self.batch_size // pack_units  # Queries per unit.
+    self.pack_rows = pack_rows or self.size_pack_rows()
+    logging.info("Packing %d queries (+ documents) per unit into %d rows of %d tokens.",
+                 self.texts_per_unit, self.pack_rows, self.pack_length)
+
+  def size_pack_rows(self, sample: int = PACK_SAMPLE) -> int:
+    """Rows per packing unit from the token lengths of each source's first `sample`
+    examples (the same on every process; see packing.size_rows)."""
+    stats = []
+    for source in self.sources:
+      if self.weights[self.sources.index(source)] == 0:
+        continue
+      n = min(sample, len(self.eligible[source]))
+      records = self.readers[source].read(list(self._stream(source, np.arange(n))))
+      q, d, negs = self.encode(records, source)
+      lengths = [[len(a), len(b)] + [len(x) for x in ns] for a, b, ns in zip(q, d, negs)]
+      stats.append(np.array(lengths, np.int64))
+    return packing.size_rows(stats, self.texts_per_unit, self.pack_length, self.seed)
 
   # -- State ---------------------------------------------------------------
   def get_state(self) -> dict:
@@ -258,25 +309,45 @@ class TrainIterator:
                ) -> dict[str, np.ndarray]:
     """Token arrays of `records` with `source`'s prompts and lengths (None: the global ones).
 
-    Texts are truncated at the source's max_*_len and padded to the global one.
+    Texts are truncated at the source's max_*_len and padded to the global one, or
+    packed (input.packing).
     """
     tok = self.tokenizer
-    s = self.source_inputs[source] if source is not None else self.global_inputs
-    q, _ = tok.encode([s.query_prefix + r["query"] for r in records], s.max_query_len)
-    d, _ = tok.encode([s.doc_prefix + r["document"] for r in records], s.max_doc_len)
+    q, d, negs = self.encode(records, source)
+    if self.packing:
+      return self.pack(q, d, negs)
     batch = {}
     batch["query_ids"], batch["query_mask"] = tok.pad(q, self.max_query_len)
     batch["doc_ids"], batch["doc_mask"] = tok.pad(d, self.max_doc_len)
     if self.num_negatives:
-      texts = []
-      for r in records:
-        negs = r["negatives"]
-        texts += [s.doc_prefix + negs[i % len(negs)] for i in range(self.num_negatives)]
-      n, _ = tok.encode(texts, s.max_doc_len)
-      ids, mask = tok.pad(n, self.max_doc_len)
+      ids, mask = tok.pad([t for ns in negs for t in ns], self.max_doc_len)
       shape = (len(records), self.num_negatives, self.max_doc_len)
       batch["neg_ids"], batch["neg_mask"] = ids.reshape(shape), mask.reshape(shape)
     return batch
+
+  def encode(self, records: list[dict], source: Optional[str] = None
+             ) -> tuple[list[list[int]], list[list[int]], list[list[list[int]]]]:
+    """(query, document, per-record hard negative [N]) token lists of `records`."""
+    tok = self.tokenizer
+    s = self.source_inputs[source] if source is not None else self.global_inputs
+    q, _ = tok.encode([s.query_prefix + r["query"] for r in records], s.max_query_len)
+    d, _ = tok.encode([s.doc_prefix + r["document"] for r in records], s.max_doc_len)
+    negs: list[list[list[int]]] = [[] for _ in records]
+    if self.num_negatives:
+      texts = []
+      for r in records:
+        negatives = r["negatives"]
+        texts += [s.doc_prefix + negatives[i % len(negatives)]
+                  for i in range(self.num_negatives)]
+      n, _ = tok.encode(texts, s.max_doc_len)
+      negs = [n[i * self.num_negatives:(i + 1) * self.num_negatives]
+              for i in range(len(records))]
+    return q, d, negs
+
+  def pack(self, q, d, negs) -> dict[str, np.ndarray]:
+    """The packed batch of token lists (see the module docstring)."""
+    return packing.pack_batch(q, d, negs, self.local_units, self.pack_rows, self.pack_length,
+                              self.tokenizer.pad_id)
 
   # -- Iteration with background prefetch -----------------------------------
   def _producer(self, state: dict, out: queue.Queue, stop: threading.Event) -> None:

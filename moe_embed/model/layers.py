@@ -48,8 +48,9 @@ class Embeddings(nn.Module):
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, ids: jax.Array, token_type_ids: Optional[jax.Array] = None) -> jax.Array:
-    """ids: int [B, L] -> [B, L, D] in the compute dtype."""
+  def __call__(self, ids: jax.Array, token_type_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+    """ids: int [B, L], positions: int [B, L] or None (= 0..L-1) -> [B, L, D]."""
     cfg = self.config
     dtype = dtype_of(cfg)
     x = nn.Embed(
@@ -71,7 +72,9 @@ class Embeddings(nn.Module):
             "to fit.")
       # XLM-R numbers real tokens from pad_token_id + 1; with right padding that
       # is arange + offset for every non-padding token.
-      positions = jnp.arange(length)[None, :] + cfg.position_offset
+      if positions is None:
+        positions = jnp.arange(length)[None, :]
+      positions = positions + cfg.position_offset
       x = x + nn.Embed(
           cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
           param_dtype=jnp.float32, embedding_init=normal_init(cfg, (None, "embed")),
@@ -88,13 +91,17 @@ def rotary_tables(length: int, rot_dim: int, base: float) -> tuple[jax.Array, ja
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates the first rot_dim features of x [B, L, H, Dh] (non-interleaved halves)."""
+  """Rotates the first rot_dim features of x [B, L, H, Dh] (non-interleaved halves).
+
+  cos, sin: [L, rot_dim], or [B, L, rot_dim] for per-token positions (packed rows).
+  """
   rot_dim = cos.shape[-1]
   x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
   xf = x_rot.astype(jnp.float32)
   half = rot_dim // 2
   rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.ndim == 2 else (
+      cos[:, :, None, :], sin[:, :, None, :])
   out = (xf * cos + rotated * sin).astype(x.dtype)
   return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
@@ -126,14 +133,30 @@ class Projection(nn.Module):
     return y
 
 
+def attention_mask(mask: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """bool [B, 1, L or 1, L]: every query sees the real keys, or (packed rows, segment_ids
+  int [B, L], 0 = padding) only those of its own segment: a block-diagonal mask."""
+  if segment_ids is None:
+    return mask[:, None, None, :]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, L, L]
+  return (same & mask[:, None, :])[:, None]
+
+
 class SelfAttention(nn.Module):
-  """Bidirectional multi-head self-attention with a key padding mask."""
+  """Bidirectional multi-head self-attention with a key padding mask, or within segments.
+
+  Packed rows use XLA's attention with a block-diagonal mask: the installed
+  `jax.nn.dot_product_attention` takes no segment ids for its fused paths.
+  """
 
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: [B, L, D], mask: bool [B, L] (True = real token) -> [B, L, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array, segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
+    """x: [B, L, D], mask: bool [B, L] (True = real token), segment_ids / positions int
+    [B, L] for packed rows (attention within a segment, rotary positions per segment)
+    -> [B, L, D]."""
     cfg = self.config
     dtype = dtype_of(cfg)
 
@@ -146,9 +169,11 @@ class SelfAttention(nn.Module):
     if cfg.position_embedding == "rotary":
       rot_dim = int(cfg.head_dim * cfg.rotary_fraction)
       cos, sin = rotary_tables(x.shape[1], rot_dim, cfg.rotary_base)
+      if positions is not None:
+        cos, sin = cos[positions], sin[positions]  # [B, L, rot]
       q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]: every query sees the real keys.
-    out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)  # [B, L, H, Dh]
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=attention_mask(mask, segment_ids))  # [B, L, H, Dh]
     return Projection("blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "kv", "embed"), ("embed",), True, cfg, name="out")(out)
 

@@ -14,6 +14,16 @@ def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
   return summed / count
 
 
+def segment_mean(hidden: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Mean over each segment's tokens: hidden [U, T, D], segment_ids int [U, T] (1..S, 0 =
+  padding) -> float32 [U, S, D]; segment s of group u is row s - 1 of [u]."""
+  index = jnp.where(segment_ids > 0, segment_ids - 1, num_segments)  # Padding: dropped.
+  total = lambda x, i: jax.ops.segment_sum(x, i, num_segments=num_segments + 1)[:-1]
+  summed = jax.vmap(total)(hidden.astype(jnp.float32), index)
+  count = jax.vmap(total)(jnp.ones(index.shape, jnp.float32), index)[..., None]
+  return summed / jnp.maximum(count, 1.0)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Unit L2 norm along the last axis (float32)."""
   x = x.astype(jnp.float32)

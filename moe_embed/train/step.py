@@ -3,7 +3,12 @@
 A batch is a dict of global arrays (leading axis B, sharded over the mesh):
 'query_ids'/'query_mask' [B, Lq], 'doc_ids'/'doc_mask' [B, Ld] and, with hard
 negatives, 'neg_ids'/'neg_mask' [B, N, Ld]. Queries are embedded in one
-forward call, positives and negatives together in a second one.
+forward call, positives and negatives together in a second one. A packed
+batch (`moe_embed.data.packing`, input.packing) has instead 'packed_ids',
+'packed_segment_ids', 'packed_positions' [U * R, P] and 'query_lengths' [U, q],
+'doc_lengths' [U, q, 1 + N], 'packed_capped' [U] for U packing units of q
+queries: every text is embedded in one forward call over the rows, and the
+embeddings come back in the padded batch's order, so the loss is unchanged.
 
 `train_step` is pure: (state, batch) -> (state, metrics). With a
 `grad_cache_chunk` it runs GradCache: embed every chunk without gradients,
@@ -56,8 +61,36 @@ class LossConfig:
   z_loss_coef: float = 0.0
 
 
+def is_packed(batch: Batch) -> bool:
+  return "packed_ids" in batch
+
+
+def embed_packed(model: EmbeddingModel, model_params: Any, batch: Batch):
+  """embed_batch of a packed batch: one forward call over every unit's rows."""
+  units, per = batch["query_lengths"].shape
+  group = batch["doc_lengths"].shape[-1]
+  e, aux = model.apply({"params": model_params}, batch["packed_ids"],
+                       batch["packed_segment_ids"], batch["packed_positions"], units,
+                       per * (1 + group), method=EmbeddingModel.embed_packed)
+  e = e.reshape(units, per * (1 + group), -1)  # Per unit: queries, then [query, group].
+  q = e[:, :per].reshape(units * per, -1)
+  d = e[:, per:].reshape(units * per, group, -1)
+  return q, d[:, 0], (d[:, 1:] if group > 1 else None), router_stats.add_stats([aux])
+
+
+def token_counts(batch: Batch) -> tuple[jax.Array, int]:
+  """(real tokens, token slots the step computes) of a padded or packed batch."""
+  if is_packed(batch):
+    seg = batch["packed_segment_ids"]
+    return jnp.sum(seg > 0), seg.size
+  masks = [batch[k] for k in ("query_mask", "doc_mask", "neg_mask") if k in batch]
+  return sum(jnp.sum(m.astype(jnp.int32)) for m in masks), sum(m.size for m in masks)
+
+
 def embed_batch(model: EmbeddingModel, model_params: Any, batch: Batch):
   """-> (q [B, d], p [B, d], negatives [B, N, d] or None, router stats)."""
+  if is_packed(batch):
+    return embed_packed(model, model_params, batch)
   q, aux_q = model.apply({"params": model_params}, batch["query_ids"], batch["query_mask"])
   doc_ids, doc_mask = batch["doc_ids"][:, None], batch["doc_mask"][:, None]
   num_neg = 0
@@ -130,7 +163,7 @@ def grad_cache_loss_and_grads(model, config: EncoderConfig, cfg: LossConfig, par
                               batch, chunk_size: int, shards: int,
                               constrain: Callable[[Any], Any]):
   """GradCache: the same loss and gradients as the plain step, `chunk_size` queries at a time."""
-  b = batch["query_ids"].shape[0]
+  b = (batch["query_lengths"].size if is_packed(batch) else batch["query_ids"].shape[0])
   num_chunks = b // chunk_size
   chunks = jax.tree.map(lambda x: split_chunks(x, num_chunks, shards), batch)
 
@@ -203,11 +236,13 @@ def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformati
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     stats = extras.pop("stats")
+    real, slots = token_counts(batch)
+    if is_packed(batch):
+      extras["capped_texts"] = jnp.sum(batch["packed_capped"])
     metrics = dict(
         loss=loss, **extras, grad_norm=optax.tree.norm(grads),
         lr=schedule(state.step), temperature=temperature_of(new_params, cfg),
-        tokens=(jnp.sum(batch["query_mask"]) + jnp.sum(batch["doc_mask"])
-                + (jnp.sum(batch["neg_mask"]) if "neg_mask" in batch else 0)),
+        tokens=real, real_token_share=real / slots,
         **router_stats.usage_metrics(stats, config.top_k))
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
     return new_state, metrics

@@ -199,7 +199,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   batches = data_lib.make_train_iterator(
       data_dir, inputs=inputs, tokenizer=tokenizer, global_batch_size=config.batch_size,
       seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), state=data_state)
+      process_count=jax.process_count(), state=data_state,
+      pack_units=shards * (config.batch_size // config.grad_cache_chunk
+                           if config.grad_cache_chunk else 1))
   jitted, batch_sharding = step_lib.jit_train_step(
       model, optimizer, loss_cfg, schedule, config.grad_cache_chunk, mesh, rules,
       state_shardings)

@@ -1,0 +1,152 @@
+"""Packing a step's texts into fixed rows: a padding-free batch of fixed shape.
+
+A packing unit is one slice of the global batch (one device's share of one
+GradCache chunk): its `q` queries and their `q * (1 + N)` documents (positive,
+then hard negatives) are packed into `rows` rows of `pack_length` tokens. A
+text never spans two rows. Per unit, texts are numbered queries first, then
+documents in [query, group] order; a token's segment id is its text's number
++ 1 (0 = slack at a row's end, i.e. padding), and its position counts from 0
+within its text. Rows are filled first-fit, longest text first.
+
+Overflow has a fixed home: the rows are sized at start-up from the dataset's
+length statistics (`size_rows`), and a unit whose texts still do not fit is
+packed with every text capped at the longest length that fits
+(`pack_unit`): the step keeps its shape and runs, those texts lose their
+tails, and the batch says how many were capped. `size_rows` guarantees
+rows * pack_length >= texts per unit, so capping always succeeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+# Rows per unit are the most any simulated unit needed, times this (rounded up).
+ROW_HEADROOM = 1.05
+SIMULATED_UNITS = 32
+
+
+def first_fit(lengths: np.ndarray, num_rows: int, pack_length: int
+              ) -> tuple[np.ndarray, np.ndarray] | None:
+  """(row [n], offset [n]) of each text, longest first into the first row with room; None if
+  some text finds no room. lengths int [n], each <= pack_length."""
+  remaining = np.full(num_rows, pack_length, np.int64)
+  row = np.empty(len(lengths), np.int64)
+  offset = np.empty(len(lengths), np.int64)
+  for i in np.argsort(-np.asarray(lengths), kind="stable"):
+    fits = remaining >= lengths[i]
+    r = int(np.argmax(fits))
+    if not fits[r]:
+      return None
+    row[i], offset[i] = r, pack_length - remaining[r]
+    remaining[r] -= lengths[i]
+  return row, offset
+
+
+def rows_needed(lengths: np.ndarray, pack_length: int) -> int:
+  """Rows first-fit uses for `lengths` with as many rows as it likes."""
+  lengths = np.asarray(lengths)
+  placed = first_fit(lengths, max(1, len(lengths)), pack_length)
+  assert placed is not None
+  return int(placed[0].max()) + 1 if len(lengths) else 0
+
+
+def cap_to_fit(lengths: np.ndarray, num_rows: int, pack_length: int) -> int:
+  """The longest cap c such that min(lengths, c) fits `num_rows` rows (binary search)."""
+  lo, hi = 1, int(np.max(lengths))  # lo always fits (num_rows * pack_length >= n).
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if first_fit(np.minimum(lengths, mid), num_rows, pack_length) is not None:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
+@dataclasses.dataclass
+class PackedUnit:
+  """One unit's rows: ids, segment_ids, positions int32 [rows, pack_length]."""
+
+  ids: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  lengths: np.ndarray  # int32 [n]: tokens each text kept.
+  capped: int  # Texts shortened to fit.
+
+
+def pack_unit(texts: Sequence[Sequence[int]], num_rows: int, pack_length: int,
+              pad_id: int) -> PackedUnit:
+  """Packs token lists (each <= pack_length) into `num_rows` rows; see the module docstring."""
+  if num_rows * pack_length < len(texts):
+    raise ValueError(f"{len(texts)} texts cannot fit {num_rows} rows of {pack_length} tokens.")
+  lengths = np.array([len(t) for t in texts], np.int64)
+  if lengths.size and lengths.max() > pack_length:
+    raise ValueError(f"A text of {lengths.max()} tokens is longer than pack_length="
+                     f"{pack_length}; raise input.pack_length to the longest text width.")
+  placed = first_fit(lengths, num_rows, pack_length)
+  capped = 0
+  if placed is None:
+    cap = cap_to_fit(lengths, num_rows, pack_length)
+    capped = int(np.sum(lengths > cap))
+    lengths = np.minimum(lengths, cap)
+    placed = first_fit(lengths, num_rows, pack_length)
+  row, offset = placed
+  ids = np.full((num_rows, pack_length), pad_id, np.int32)
+  segment_ids = np.zeros((num_rows, pack_length), np.int32)
+  positions = np.zeros((num_rows, pack_length), np.int32)
+  for i, text in enumerate(texts):
+    n, r, o = int(lengths[i]), int(row[i]), int(offset[i])
+    ids[r, o:o + n] = text[:n]
+    segment_ids[r, o:o + n] = i + 1
+    positions[r, o:o + n] = np.arange(n)
+  return PackedUnit(ids, segment_ids, positions, lengths.astype(np.int32), capped)
+
+
+def pack_batch(queries: Sequence[Sequence[int]], docs: Sequence[Sequence[int]],
+               negatives: Sequence[Sequence[Sequence[int]]], units: int, rows: int,
+               pack_length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """A packed batch of b examples' token lists (negatives: [b][N]) in `units` units.
+
+  -> packed_ids, packed_segment_ids, packed_positions int32 [units * rows, pack_length],
+  query_lengths int32 [units, q], doc_lengths int32 [units, q, 1 + N] (q = b / units),
+  packed_capped int32 [units]; unit u holds examples [u * q, (u + 1) * q).
+  """
+  per = len(queries) // units
+  group = 1 + (len(negatives[0]) if len(negatives) else 0)
+  parts = []
+  for u in range(units):
+    texts = list(queries[u * per:(u + 1) * per])
+    for i in range(u * per, (u + 1) * per):
+      texts += [docs[i], *negatives[i]]
+    parts.append(pack_unit(texts, rows, pack_length, pad_id))
+  return {
+      "packed_ids": np.concatenate([p.ids for p in parts]),
+      "packed_segment_ids": np.concatenate([p.segment_ids for p in parts]),
+      "packed_positions": np.concatenate([p.positions for p in parts]),
+      "query_lengths": np.stack([p.lengths[:per] for p in parts]),
+      "doc_lengths": np.stack([p.lengths[per:].reshape(per, group) for p in parts]),
+      "packed_capped": np.array([p.capped for p in parts], np.int32),
+  }
+
+
+def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_length: int,
+              seed: int = 0) -> int:
+  """Rows per unit from length statistics: `SIMULATED_UNITS` units drawn from each sample.
+
+  example_lengths: one int array [examples, texts per example] per source (a unit is
+  one source's: every step draws one source); texts_per_unit: examples per unit.
+  Returns the most rows any simulated unit needed, with `ROW_HEADROOM`, and at least
+  enough rows for every text to keep one token.
+  """
+  rng = np.random.default_rng(seed)
+  most = 1
+  for sample in example_lengths:
+    sample = np.asarray(sample)
+    for _ in range(SIMULATED_UNITS):
+      pick = sample[rng.integers(0, len(sample), size=texts_per_unit)].reshape(-1)
+      most = max(most, rows_needed(pick, pack_length))
+  texts = texts_per_unit * (np.asarray(example_lengths[0]).shape[1] if example_lengths else 1)
+  return max(math.ceil(most * ROW_HEADROOM), math.ceil(texts / pack_length))
