@@ -100,6 +100,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.batch_size = 256  # Global batch (queries per step), split over the mesh.
   c.total_steps = 1000
   c.log_every_steps = 10  # Metrics to metrics.jsonl and TensorBoard.
+  # Peak FLOP/s of one device, for mfu (model FLOPs of the real tokens / peak) in
+  # metrics.jsonl; 0 = a TPU's bfloat16 peak from its generation, no mfu elsewhere.
+  c.peak_flops_per_device = 0.0
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3  # Most recent checkpoints kept.
   # GradCache chunk (queries per chunk); 0 = plain step. Must divide batch_size.

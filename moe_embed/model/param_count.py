@@ -80,3 +80,23 @@ def train_step_flops(config: EncoderConfig, batch: int, query_len: int, doc_len:
              + forward_flops(config, batch * (1 + negatives) * doc_len, doc_len))
   logits = 2 * batch * batch * (1 + negatives) * config.embedding_dim
   return 3.0 * (forward + logits)
+
+
+def real_forward_flops(config: EncoderConfig, lengths: Any) -> Any:
+  """Matmul FLOPs of one forward pass over texts of `lengths` real tokens, each attending
+  over its own tokens only: forward_flops of the real tokens, padding and packing slack
+  left out. `lengths` is any int array (NumPy or jax, traced too); returns a scalar."""
+  attention = 2 * 2 * config.hidden_size * config.num_layers  # Per token, per key.
+  # Per token, without attention and the head.
+  linear = forward_flops(config.replace(projection_dim=0), 1, 1) - attention
+  n = lengths.astype("float32")
+  head = 2 * config.hidden_size * config.projection_dim * (n > 0)
+  return (linear * n + attention * n * n + head).sum()
+
+
+def real_train_step_flops(config: EncoderConfig, query_lengths: Any, doc_lengths: Any) -> Any:
+  """train_step_flops of the real tokens: query_lengths [B], doc_lengths [B, 1 + N]."""
+  b, group = doc_lengths.shape[0], doc_lengths.shape[-1]
+  logits = 2 * b * b * group * config.embedding_dim
+  return 3.0 * (real_forward_flops(config, query_lengths)
+                + real_forward_flops(config, doc_lengths) + logits)

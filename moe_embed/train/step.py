@@ -32,6 +32,7 @@ import optax
 
 from moe_embed import partitioning
 from moe_embed.model.config import EncoderConfig
+from moe_embed.model import param_count
 from moe_embed.model.encoder import EmbeddingModel
 from moe_embed.moe import router_stats
 from moe_embed.train import losses
@@ -85,6 +86,18 @@ def token_counts(batch: Batch) -> tuple[jax.Array, int]:
     return jnp.sum(seg > 0), seg.size
   masks = [batch[k] for k in ("query_mask", "doc_mask", "neg_mask") if k in batch]
   return sum(jnp.sum(m.astype(jnp.int32)) for m in masks), sum(m.size for m in masks)
+
+
+def text_lengths(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """Real tokens of each text: (queries [B], documents [B, 1 + N], the positive first)."""
+  if is_packed(batch):
+    return batch["query_lengths"].reshape(-1), batch["doc_lengths"].reshape(
+        -1, batch["doc_lengths"].shape[-1])
+  count = lambda m: jnp.sum(m.astype(jnp.int32), axis=-1)
+  docs = count(batch["doc_mask"])[:, None]
+  if "neg_mask" in batch:
+    docs = jnp.concatenate([docs, count(batch["neg_mask"])], axis=1)
+  return count(batch["query_mask"]), docs
 
 
 def embed_batch(model: EmbeddingModel, model_params: Any, batch: Batch):
@@ -243,6 +256,7 @@ def make_train_step(model: EmbeddingModel, optimizer: optax.GradientTransformati
         loss=loss, **extras, grad_norm=optax.tree.norm(grads),
         lr=schedule(state.step), temperature=temperature_of(new_params, cfg),
         tokens=real, real_token_share=real / slots,
+        model_flops=param_count.real_train_step_flops(config, *text_lengths(batch)),
         **router_stats.usage_metrics(stats, config.top_k))
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
     return new_state, metrics

@@ -241,6 +241,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
     window: list[dict[str, Any]] = []
     window_start = time.time()
     step = run.start_step
+    peak = peak_flops(config)
     while step < config.total_steps:
       local = pending if pending is not None else next(run.batches)
       pending = None
@@ -252,7 +253,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
       if step % config.log_every_steps == 0 or step == config.total_steps:
         fetched = jax.device_get(window)
         _check_finite(run, fetched, step)
-        last_metrics = _summarise(fetched, max(time.time() - window_start, 1e-9))
+        last_metrics = _summarise(fetched, max(time.time() - window_start, 1e-9), peak)
         if len(fetched) < config.log_every_steps:  # After a resume, or the last window.
           last_metrics["window_steps"] = len(fetched)
         run.writer.write(step, last_metrics)
@@ -338,8 +339,24 @@ class _Preemption:
         signal.signal(signum, previous)
 
 
-def _summarise(window: list[dict[str, Any]], elapsed: float) -> dict[str, float]:
-  """Means over the logging window; tokens per second over its wall time."""
+def peak_flops(config: ml_collections.ConfigDict) -> float:
+  """Peak FLOP/s of all devices: config.peak_flops_per_device, else a TPU generation's
+  (moe_embed.train.aot.CHIPS, bfloat16), else 0 (unknown: no mfu is reported)."""
+  devices = jax.devices()
+  per_device = float(config.get("peak_flops_per_device", 0.0) or 0.0)
+  if not per_device and devices[0].platform == "tpu":
+    from moe_embed.train import aot
+    kind = devices[0].device_kind.lower().replace("tpu", "").replace(" ", "")  # 'v5lite'
+    name = {"v5": "v5p", "v5lite": "v5e", "v6lite": "v6e"}.get(kind, kind)
+    chip = aot.CHIPS.get(name)
+    per_device = chip.peak_bf16_flops if chip else 0.0
+  return per_device * len(devices)
+
+
+def _summarise(window: list[dict[str, Any]], elapsed: float, peak: float = 0.0
+               ) -> dict[str, float]:
+  """Means over the logging window; tokens (real ones) and model FLOPs of the real tokens
+  per second over its wall time, and mfu = those FLOPs / `peak` where it is known."""
   out = {}
   for key in window[-1]:
     values = [np.asarray(m[key], np.float64) for m in window]
@@ -347,6 +364,11 @@ def _summarise(window: list[dict[str, Any]], elapsed: float) -> dict[str, float]
   out["tokens_per_s"] = float(sum(float(m["tokens"]) for m in window) / elapsed)
   out["steps_per_s"] = len(window) / elapsed
   out.pop("tokens", None)
+  if "model_flops" in out:
+    out["model_flops_per_s"] = float(sum(float(m["model_flops"]) for m in window) / elapsed)
+    out.pop("model_flops")
+    if peak:
+      out["mfu"] = out["model_flops_per_s"] / peak
   out["lr"] = float(window[-1]["lr"])
   return out
 

@@ -1,0 +1,170 @@
+"""Padding-free training: real tokens per second of the whole train step, packed vs padded.
+
+  python benchmarks/packing.py --json=/tmp/packing.json [--batch=32] [--repeats=3] \
+    [--models=tiny,tiny_moe,minilm,minilm_moe] [--widths=128/128,32/96]
+
+What it measures: the jitted train step (`step_bench.build_step`, as the trainer
+runs it) on the embedded stdlib corpus, tokenised by its own tokenizer with the
+default prompts, for each model and each pair of query / document widths, once
+with the texts padded to the widths and once packed (`input.packing`, rows of
+the longer width, as many rows as the iterator sizes from the data at start-up).
+Both modes train on the same texts: the first batch of the same data position.
+Models: `tiny` and `minilm` dense, and each with MoE layers (`tiny_moe` is the
+tiny preset: 8 experts, top-2, every 2nd layer; `minilm_moe` upcycles minilm the
+same way).
+
+Every round times each (model, widths) padded then packed, round after round in
+one process, so the ratios are robust on a shared machine; each number is the
+median over --repeats rounds. real_tokens_per_s counts only real tokens (no
+padding, no packing slack); real_token_share is real tokens / token slots the
+step computes (its average over --share_batches batches is printed first); mfu is the model FLOPs of
+the real tokens (`param_count.real_train_step_flops`: each text attends over
+its own tokens) per second over the matmul peak measured in the same rounds.
+
+JSON rows: {model, widths, mode, real_tokens_per_s, step_ms, real_token_share,
+mfu, batch, rows, pack_length, step_ms_runs}; mode is 'padded' or 'packed'.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (benchmarks/report.py)
+from step_bench import Runner, build_step, measure_peak, model_configs, model_params, \
+    peak_runner  # noqa: E402
+
+from moe_embed import data as data_lib  # noqa: E402
+from moe_embed.model import param_count  # noqa: E402
+from moe_embed.tokenizers import load_tokenizer  # noqa: E402
+from moe_embed.train import step as step_lib  # noqa: E402
+
+MODELS = ("tiny", "tiny_moe", "minilm", "minilm_moe")
+
+_JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Queries per global batch (as many documents).")
+_MODELS = flags.DEFINE_list("models", list(MODELS), "Models to time.")
+_WIDTHS = flags.DEFINE_list("widths", ["128/128", "32/96"],
+                            "Query/document widths: 128/128 pretrain, 32/96 tiny.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (median).")
+_SHARE_BATCHES = flags.DEFINE_integer("share_batches", 20,
+                                      "Batches averaged for real_token_share.")
+_PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024"], "Square matmul sizes for the peak.")
+
+
+def _config(name: str):
+  base = "tiny" if name.startswith("tiny") else "minilm"
+  configs = model_configs(base, "float32", vocab_size=4096)
+  if name.endswith("_moe"):
+    return "moe", configs
+  configs["dense"] = configs["moe"].replace(moe_every_n_layers=0)
+  return "dense", configs
+
+
+def _iterators(data_dir: str, tokenizer, widths: str, batch: int):
+  lq, ld = (int(w) for w in widths.split("/"))
+  out = {}
+  for mode in ("padded", "packed"):
+    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, query_prefix="search_query: ",
+                                  doc_prefix="search_document: ", packing=mode == "packed")
+    out[mode] = data_lib.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
+                                             global_batch_size=batch, seed=0, prefetch=0)
+  return out
+
+
+def _share(batches) -> float:
+  real = slots = 0
+  for b in batches:
+    r, s = step_lib.token_counts(b)
+    real, slots = real + int(r), slots + int(s)
+  return real / slots
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_MODELS.value) - set(MODELS))
+  if unknown:
+    raise app.UsageError(f"Unknown --models {unknown}; choose from {MODELS}.")
+  data_dir = data_lib.ensure_default_data()
+  tokenizer = load_tokenizer(data_lib.dataset_tokenizer_path(data_dir))
+  b = _BATCH.value
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, 1 device, float32; "
+        f"embedded corpus, batch {b} queries + {b} documents; median of {_REPEATS.value} "
+        "interleaved rounds")
+
+  batches, meta = {}, {}
+  for widths in _WIDTHS.value:
+    its = _iterators(data_dir, tokenizer, widths, b)
+    for mode, it in its.items():
+      sample = [next(it) for _ in range(_SHARE_BATCHES.value)]
+      batches[(widths, mode)] = sample[0]
+      meta[(widths, mode)] = dict(
+          mean_share=_share(sample), rows=int(sample[0]["packed_ids"].shape[0]) if mode == "packed"
+          else 0, pack_length=getattr(it, "pack_length", 0))
+      print(f"  {widths} {mode}: mean real_token_share {meta[(widths, mode)]['mean_share']:.3f}"
+            + (f", {meta[(widths, mode)]['rows']} rows of {it.pack_length}"
+               if mode == "packed" else ""), flush=True)
+
+  runs, info = {}, {}
+  for name in _MODELS.value:
+    kind, configs = _config(name)
+    config = configs[kind]
+    params = model_params(kind, configs)
+    for widths in _WIDTHS.value:
+      for mode in ("padded", "packed"):
+        batch = batches[(widths, mode)]
+        compiled, state, on_device, compile_s = build_step(config, params, batch, 0)
+        runs[(name, widths, mode)] = Runner(compiled, state, on_device)
+        real, slots = (int(x) for x in step_lib.token_counts(batch))
+        flops = float(param_count.real_train_step_flops(config, *(
+            np.asarray(x) for x in step_lib.text_lengths(batch))))
+        info[(name, widths, mode)] = dict(real=real, share=real / slots, flops=flops)
+        print(f"  compiled {name} {widths} {mode} in {compile_s:.1f} s", flush=True)
+    del params
+
+  peaks = [peak_runner(int(n), "float32") for n in _PEAK_SIZES.value]
+  for key, run in runs.items():  # Warm-up: first calls allocate.
+    run()
+  times = {key: [] for key in runs}
+  peak_values = []
+  for r in range(_REPEATS.value):
+    peak_values.append(measure_peak(peaks))
+    for key, run in runs.items():
+      times[key].append(run())
+    print(f"  round {r + 1}: peak {peak_values[-1]:.0f} GFLOP/s", flush=True)
+  peak = float(np.median(peak_values)) * 1e9
+
+  header = (f"{'model':>10s} {'widths':>7s} {'mode':>6s} {'step_ms':>8s} {'real tok/s':>10s} "
+            f"{'share':>6s} {'mfu':>6s} {'packed/padded':>13s}")
+  print(header)
+  print("-" * len(header))
+  rows = []
+  for (name, widths, mode), values in times.items():
+    s = float(np.median(values))
+    m, i = meta[(widths, mode)], info[(name, widths, mode)]
+    row = {"model": name, "widths": widths, "mode": mode,
+           "real_tokens_per_s": round(i["real"] / s, 1), "step_ms": round(s * 1e3, 1),
+           "real_token_share": round(i["share"], 4), "mfu": round(i["flops"] / s / peak, 4),
+           "batch": b, "rows": m["rows"], "pack_length": m["pack_length"],
+           "step_ms_runs": [round(t * 1e3, 1) for t in values]}
+    rows.append(row)
+  by = {(r["model"], r["widths"], r["mode"]): r for r in rows}
+  for r in rows:
+    ratio = ""
+    if r["mode"] == "packed":
+      ratio = f"{r['real_tokens_per_s'] / by[(r['model'], r['widths'], 'padded')]['real_tokens_per_s']:.2f}x"
+    print(f"{r['model']:>10s} {r['widths']:>7s} {r['mode']:>6s} {r['step_ms']:8.1f} "
+          f"{r['real_tokens_per_s']:10.0f} {r['real_token_share']:6.3f} {r['mfu']:6.1%} "
+          f"{ratio:>13s}")
+  print("target: packed >= 2x padded real tokens/s at 128/128")
+  report.write_json(_JSON.value, rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
