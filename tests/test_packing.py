@@ -171,3 +171,15 @@ def test_packed_step_equals_padded_step(shards, chunk):
   assert float(extras1["stats"]["layer_1"]["num_tokens"]) == sum(
       map(len, q + d + [t for ns in negs for t in ns]))
   _assert_trees_close(grads2, grads1)
+
+
+def test_real_token_flops_count_each_text_over_its_own_tokens():
+  from moe_embed.model import param_count
+  config = model_config.preset("tiny", projection_dim=16)
+  full = param_count.real_train_step_flops(config, np.full(8, 16), np.full((8, 3), 32))
+  np.testing.assert_allclose(full, param_count.train_step_flops(config, 8, 16, 32, 2), rtol=1e-6)
+  q, d = np.array([1, 5, 16]), np.array([[32, 0], [7, 2], [1, 9]])
+  per_text = sum(param_count.forward_flops(config, n, n) for n in [*q, *d.ravel()] if n)
+  logits = 2 * 3 * 3 * 2 * config.embedding_dim
+  np.testing.assert_allclose(param_count.real_train_step_flops(config, q, d),
+                             3 * (per_text + logits), rtol=1e-6)
