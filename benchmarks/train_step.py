@@ -86,7 +86,8 @@ def main(argv):
   print(f"jax {jax.__version__}, backend {jax.default_backend()} ({device.device_kind}, "
         f"{jax.device_count()} device(s)), {_DTYPE.value}; preset {_PRESET.value}: batch {b} "
         f"queries + {b * (1 + negatives)} documents x {seq} tokens; GradCache chunk {chunk}; "
-        f"median of {_REPEATS.value} interleaved rounds")
+        f"median of {_REPEATS.value} interleaved rounds; every token is real (no padding: "
+        "real data pads, see benchmarks/packing.py)")
 
   runs, info = {}, {}
   for name in _MODELS.value:
