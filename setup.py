@@ -71,6 +71,9 @@ setuptools.setup(
         "mteb": ["mteb>=2.26,<3"],
         # The notebooks in colabs/: plots, and executing them in the tests.
         "colab": ["matplotlib>=3.8", "nbclient>=0.10", "ipykernel>=6.29"],
+        # libtpu matching the pinned jax: runs on TPU VMs, and compiles the train step for
+        # a TPU slice ahead of time on any machine (launch/compile.py, launch/tpu_pod.sh).
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         # Distributed dataset preparation (launch/prepare_data.py --runner=...).
         "beam": ["apache-beam>=2.60,<3"],
     },

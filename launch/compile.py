@@ -62,6 +62,11 @@ GiB = 1024 ** 3
 
 def _print_report(result: dict) -> None:
   mem = result["memory_bytes_per_chip"]
+  if result.get("compiler_error"):
+    print(f"{result['topology']} ({result['libtpu_topology']}, {result['chips']} chips), "
+          f"grad_cache_chunk={result['grad_cache_chunk']}, remat={str(result['remat']).lower()}: "
+          f"XLA refused the step in {result['compile_s']:.0f} s: {result['compiler_error']}")
+    return
   hbm = result["hbm_bytes_per_chip"]
   print(f"{result['topology']} ({result['libtpu_topology']}, {result['chips']} chips), "
         f"grad_cache_chunk={result['grad_cache_chunk']}, remat={str(result['remat']).lower()}: "
@@ -98,12 +103,19 @@ def main(argv):
   except ConfigError as e:
     print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
+  except aot.CompileError as e:
+    print(f"Error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(1)
   _print_report(result)
   final = result
   if not result["fits"] and _FIT.value:
     print("Searching for the cheapest change that fits:", flush=True)
-    found = aot.fit(config, topology, result, devices,
-                    log=lambda line: print(line, flush=True))
+    try:
+      found = aot.fit(config, topology, result, devices,
+                      log=lambda line: print(line, flush=True))
+    except aot.CompileError as e:
+      print(f"Error: {cli.one_line(e)}", file=sys.stderr)
+      sys.exit(1)
     if found is not None:
       fitted, final = found
       print("Fits with: " + " ".join(aot.overrides(fitted, config)))

@@ -9,6 +9,11 @@
 #
 #   bash launch/tpu_pod.sh --dry_run ...   # print every gcloud command, in order; run none
 #
+# First, on this machine, the train step is compiled for ACCELERATOR_TYPE
+# (launch/compile.py, the [tpu] extra; minutes for nomic_v2_moe): a config that
+# does not fit the slice's memory stops here, before any slice is created or
+# used. --skip_compile_check skips it; with --dry_run the check is printed, not run.
+#
 # Every worker runs the same command; jax.distributed.initialize() finds the
 # other workers from the TPU metadata (--distributed). The workdir must be on
 # GCS: a TPU VM's disk goes with the VM, and every worker (and a resumed run)
@@ -16,12 +21,19 @@
 set -euo pipefail
 
 DRY_RUN=0
+COMPILE_CHECK=1
 TRAIN_FLAGS=()
+COMPILE_FLAGS=()  # The --config flags: what launch/compile.py takes of the training flags.
 for arg in "$@"; do
   if [[ "${arg}" == "--dry_run" || "${arg}" == "--dry_run=true" ]]; then
     DRY_RUN=1
+  elif [[ "${arg}" == "--skip_compile_check" || "${arg}" == "--skip_compile_check=true" ]]; then
+    COMPILE_CHECK=0
   else
     TRAIN_FLAGS+=("${arg}")
+    if [[ "${arg}" == --config=* || "${arg}" == --config.* ]]; then
+      COMPILE_FLAGS+=("${arg}")
+    fi
   fi
 done
 
@@ -56,6 +68,21 @@ gcloud_run() {
   fi
 }
 
+# The compile check: the step train.py would run, compiled here for the slice's chips.
+CHECK=(python3 "$(dirname "$0")/compile.py" --topology="${ACCELERATOR_TYPE}"
+       "${COMPILE_FLAGS[@]+"${COMPILE_FLAGS[@]}"}")
+if [[ "${COMPILE_CHECK}" == 1 && "${DRY_RUN}" == 1 ]]; then
+  echo "# compile check on this machine first (--skip_compile_check skips it):"
+  printf '%q ' "${CHECK[@]}"
+  printf '\n'
+elif [[ "${COMPILE_CHECK}" == 1 ]]; then
+  echo "Compiling the train step for ${ACCELERATOR_TYPE} on this machine first (--skip_compile_check skips it)."
+  if ! "${CHECK[@]}"; then
+    echo "tpu_pod.sh: the train step does not compile within ${ACCELERATOR_TYPE}'s memory (see above); no slice was created or used. Apply the change launch/compile.py --fit prints, or pass --skip_compile_check." >&2
+    exit 1
+  fi
+fi
+
 DESCRIBE=(compute tpus tpu-vm describe "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}")
 CREATE=(compute tpus tpu-vm create "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}"
         --accelerator-type="${ACCELERATOR_TYPE}" --version="${RUNTIME_VERSION}")
@@ -80,7 +107,7 @@ REMOTE_SCRIPT=$(cat <<REMOTE
 set -euo pipefail
 if [[ ! -d moe-embed ]]; then git clone --branch ${BRANCH} ${REPO_URL} moe-embed; fi
 cd moe-embed && git fetch -q origin ${BRANCH} && git checkout -q origin/${BRANCH}
-pip install -q -e . 'jax[tpu]'
+pip install -q -e '.[tpu]'
 # Exit 143: SIGTERM (a maintenance event) arrived and a checkpoint was saved;
 # run again to resume from it. Any other failure stops the job.
 until python3 launch/train.py --distributed --workdir=$(printf '%q' "${WORKDIR}")${TRAIN_ARGS}; do

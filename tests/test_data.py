@@ -314,3 +314,16 @@ def test_packed_batches_hold_the_padded_batches_texts(ds, tokenizer, process_ind
 def test_pack_length_shorter_than_a_text_width_is_named():
   with pytest.raises(ValueError, match="input.pack_length=32 is shorter than the longest"):
     data.InputConfig(max_query_len=16, max_doc_len=48, packing=True, pack_length=32)
+
+
+@pytest.mark.parametrize("negatives", [0, 3])
+def test_batch_shapes_are_those_the_iterator_yields(ds, tokenizer, negatives):
+  """What an ahead-of-time compile takes in place of data (moe_embed/train/aot.py)."""
+  it = _iterator(ds, tokenizer, num_negatives=negatives, max_query_len=24, max_doc_len=40)
+  try:
+    batch = next(it)
+  finally:
+    it.close()
+  inputs = data.InputConfig(max_query_len=24, max_doc_len=40, num_negatives=negatives)
+  expected = data.pipeline.batch_shapes(inputs, 8)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected

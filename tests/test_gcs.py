@@ -252,6 +252,16 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands_in_order_and_runs_none(tmp_p
                                                 ["compute", "tpus", "tpu-vm", "ssh"]]
   assert "--accelerator-type=v5p-64" in commands[1]
   assert "--worker=all" in commands[2]
+  # The compile check comes first, printed (not run) with the --config flags only.
+  lines = proc.stdout.splitlines()
+  check = lines[lines.index(next(l for l in lines if l.startswith("# compile check"))) + 1]
+  assert lines.index(check) < lines.index(commands[0])
+  assert check.split()[1:] == ["launch/compile.py", "--topology=v5p-64",
+                               "--config=configs/finetune.py:tiny", "--config.batch_size=4096"]
+  skipped = subprocess.run(
+      ["bash", "launch/tpu_pod.sh", "--dry_run", "--skip_compile_check",
+       "--config=configs/finetune.py:tiny"], cwd=REPO, env=env, capture_output=True, text=True)
+  assert skipped.returncode == 0 and "compile.py" not in skipped.stdout.split("ssh")[0]
   for needle in ("launch/train.py --distributed --workdir=gs://bucket/runs/ft1",
                  "--config=configs/finetune.py:tiny --config.batch_size=4096",
                  "https://example.org/m.git"):

@@ -204,3 +204,20 @@ def test_grouped_matmul_kernels_match_per_group_reference(kernel):
   want_rhs = np.zeros_like(rhs)
   np.add.at(want_rhs, expert_ids, rows[:, :, None] * probe[:, None, :])
   np.testing.assert_allclose(np.asarray(g_rhs), want_rhs, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_dot_in_row_blocks_equals_one_call_and_its_gradient():
+  """Blocks of 5 rows cut through groups; rows past the last group stay 0."""
+  from moe_embed.moe import grouped_matmul as gm
+  rng = np.random.default_rng(0)
+  lhs = jnp.asarray(rng.normal(size=(23, 6)), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+  sizes = jnp.asarray([7, 0, 9, 4], jnp.int32)  # 20 of 23 rows.
+  one = lambda a, b: jax.lax.ragged_dot(a, b, sizes)
+  blocked = lambda a, b: gm.ragged_dot_blocked(a, b, sizes, max_rows=5)
+  np.testing.assert_allclose(blocked(lhs, rhs), one(lhs, rhs), rtol=1e-6, atol=1e-6)
+  assert not np.any(np.asarray(blocked(lhs, rhs))[20:])
+  g = jnp.asarray(rng.normal(size=(23, 3)), jnp.float32)
+  grads = lambda f: jax.grad(lambda a, b: jnp.vdot(f(a, b), g), argnums=(0, 1))(lhs, rhs)
+  for x, y in zip(grads(blocked), grads(one)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,8 @@ Three kernels, selectable by name; `kernel_for_backend` resolves 'auto':
 - 'tiled': for each expert, a loop over its row tiles with that expert's
   weights (one weight slice per expert, no per-tile weight copies) and a custom
   VJP of the same form.
-- 'ragged_dot': `jax.lax.ragged_dot` on unpadded groups (tile = 1); GPU and TPU
+- 'ragged_dot': `jax.lax.ragged_dot` on unpadded groups (tile = 1), in blocks of
+  at most RAGGED_DOT_MAX_ROWS rows (TPU's kernel fails to compile above); GPU and TPU
   lower it to grouped kernels. On CPU it runs ~10x slower than a dense matmul
   of equal FLOPs (benchmarks/moe_layer.py prints the comparison).
 """
@@ -120,7 +121,7 @@ def expert_of_row(layout: GroupLayout) -> jax.Array:
 def gmm(lhs: jax.Array, rhs: jax.Array, layout: GroupLayout, kernel: str) -> jax.Array:
   """lhs [P, D] grouped rows, rhs [E, D, F] -> [P, F]; rows outside groups give 0."""
   if kernel == "ragged_dot":
-    return jax.lax.ragged_dot(lhs, rhs, layout.group_sizes)
+    return ragged_dot_blocked(lhs, rhs, layout.group_sizes)
   if kernel == "tiled":
     p, d = lhs.shape
     out = _tiled_gmm(lhs.reshape(p // layout.tile, layout.tile, d), rhs,
@@ -132,6 +133,35 @@ def gmm(lhs: jax.Array, rhs: jax.Array, layout: GroupLayout, kernel: str) -> jax
     return _windowed_gmm(lhs, rhs, layout.tile_start, layout.tile_end, layout.tile,
                          layout.window)
   raise ValueError(f"Unknown grouped matmul kernel {kernel!r}; choose from {KERNELS}.")
+
+
+# Rows per `jax.lax.ragged_dot` call. libtpu 0.0.42 cannot compile ragged_dot for
+# bf16 [32768, 768] x [8, 768, 3072] (nomic_v2_moe's MLP): its kernel's scoped VMEM
+# (21.5 MiB) exceeds the 16 MiB limit; 16,384 rows compile.
+RAGGED_DOT_MAX_ROWS = 16_384
+
+
+def ragged_dot_blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                       max_rows: int = RAGGED_DOT_MAX_ROWS) -> jax.Array:
+  """`jax.lax.ragged_dot` over blocks of `max_rows` rows (one `lax.map`), concatenated.
+
+  lhs [P, D] with groups of `group_sizes` [E] from row 0, rhs [E, D, F] -> [P, F].
+  Each block gets the part of every group that falls in its rows; rows past the
+  last group give 0, as in one call.
+  """
+  p = lhs.shape[0]
+  if p <= max_rows:
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  blocks = -(-p // max_rows)
+  padded = jnp.pad(lhs, ((0, blocks * max_rows - p), (0, 0)))
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
+  first = (jnp.arange(blocks) * max_rows)[:, None]  # [blocks, 1]
+  clip = lambda x: jnp.clip(x[None, :] - first, 0, max_rows)
+  sizes = (clip(ends) - clip(starts)).astype(group_sizes.dtype)  # [blocks, E]
+  out = jax.lax.map(lambda xs: jax.lax.ragged_dot(xs[0], rhs, xs[1]),
+                    (padded.reshape(blocks, max_rows, -1), sizes))
+  return out.reshape(blocks * max_rows, -1)[:p]
 
 
 def _tile_loop(lhs3: jax.Array, rhs: jax.Array, tile_start, tile_end) -> jax.Array:

@@ -71,6 +71,10 @@ class TopologyError(ValueError):
   """A topology name that is not a TPU slice libtpu knows."""
 
 
+class CompileError(RuntimeError):
+  """XLA refused the step for another reason than HBM (its message, on one line)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
   name: str  # As given: 'v5p-8' or 'v5p:2x2x1'.
@@ -136,6 +140,11 @@ def topology_devices(topology: Topology) -> list[Any]:
   # libtpu locks /tmp/libtpu_lockfile for the process that drives the chips; a
   # description needs no chip, so it may be made beside a process holding them.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # Off a TPU VM libtpu would ask the GCE metadata server what it runs on, and warn.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                        f"{topology.chip.name}-{topology.chips * topology.chip.cores_per_chip}")
   try:
     from jax.experimental import topologies
   except ImportError as e:
@@ -226,6 +235,17 @@ def mfu(model_flops: float, step_s: float, chips: int, peak_flops_per_chip: floa
   return model_flops / (step_s * chips * peak_flops_per_chip)
 
 
+def _model_flops(config: ml_collections.ConfigDict, encoder: EncoderConfig) -> float:
+  return param_count.train_step_flops(encoder, config.batch_size, config.input.max_query_len,
+                                      config.input.max_doc_len, config.input.num_negatives)
+
+
+def _tokens(config: ml_collections.ConfigDict) -> int:
+  """Token slots per step: queries, positives and hard negatives at their padded lengths."""
+  return config.batch_size * (config.input.max_query_len
+                              + (1 + config.input.num_negatives) * config.input.max_doc_len)
+
+
 def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, compiled,
            compile_s: float) -> dict[str, Any]:
   """The JSON report of a compiled step (see launch/compile.py for the keys)."""
@@ -238,10 +258,7 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
   # XLA's cost model for the compiled program (None where it gives no positive time).
   step_s = float(cost.get("optimal_seconds", 0.0))
   step_s = step_s if step_s > 0 else None
-  b, lq, ld = config.batch_size, config.input.max_query_len, config.input.max_doc_len
-  negatives = config.input.num_negatives
-  flops = param_count.train_step_flops(step.encoder, b, lq, ld, negatives)
-  tokens = b * (lq + (1 + negatives) * ld)
+  flops, tokens = _model_flops(config, step.encoder), _tokens(config)
   hbm = topology.chip.hbm_bytes
   return {
       "topology": topology.name,
@@ -267,14 +284,68 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
   }
 
 
-def compile_step(config: ml_collections.ConfigDict, topology: Topology,
-                 devices: Optional[list[Any]] = None):
-  """(report dict, compiled) for `config` on `topology`; ConfigError on a bad config."""
+_SIZE = r"([0-9.]+)([KMGT]?)i?B?"
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
+
+
+def _oom_bytes(message: str) -> Optional[tuple[str, int]]:
+  """('temporaries' or 'total', bytes) from XLA's out-of-HBM compile error, else None."""
+  if m := re.search(r"required for HLO temporaries \(" + _SIZE + r"\)", message):
+    return "temporaries", int(float(m.group(1)) * _UNITS[m.group(2)])
+  if m := re.search(r"Used " + _SIZE + r" of " + _SIZE + r" hbm", message):
+    return "total", int(float(m.group(1)) * _UNITS[m.group(2)])
+  return None
+
+
+def _oom_report(config, topology: Topology, step: Step, message: str, compile_s: float):
+  """The report of a step XLA refused to compile for lack of HBM: its memory figure only."""
+  kind, value = _oom_bytes(message)
+  params = per_chip_bytes(step.state)
+  arguments = params + per_chip_bytes(step.batch)
+  result = {
+      "topology": topology.name, "libtpu_topology": topology.libtpu_name,
+      "chips": topology.chips, "hbm_bytes_per_chip": topology.chip.hbm_bytes, "fits": False,
+      "memory_bytes_per_chip": {
+          "params_and_optimizer": params,
+          "temporaries": value if kind == "temporaries" else value - arguments,
+          "total": value + arguments if kind == "temporaries" else value},
+      "model_flops_per_step": _model_flops(config, step.encoder),
+      "estimated_step_s": None, "estimated_mfu": None,
+      "tokens_per_step": _tokens(config), "estimated_tokens_per_s_per_chip": None,
+      "collective_bytes": None, "compile_s": compile_s,
+      "grad_cache_chunk": int(config.grad_cache_chunk), "remat": bool(config.encoder.remat),
+      "compiler_error": " ".join(message.split())[:500],
+  }
+  return result
+
+
+def lower_step(config: ml_collections.ConfigDict, topology: Topology,
+               devices: Optional[list[Any]] = None):
+  """(Step, jax Lowered) for `config` on `topology`: the traced program, before XLA."""
   devices = topology_devices(topology) if devices is None else devices
   step = build_step(config, devices)
-  start = time.perf_counter()
   with partitioning.activate(step.mesh, step.rules):
-    compiled = step.jitted.lower(step.state, step.batch).compile()
+    return step, step.jitted.lower(step.state, step.batch)
+
+
+def compile_step(config: ml_collections.ConfigDict, topology: Topology,
+                 devices: Optional[list[Any]] = None):
+  """(report dict, compiled or None) for `config` on `topology`; ConfigError on a bad config.
+
+  A step XLA refuses for lack of HBM comes back with fits=False, its memory from
+  the compiler's message, and no compiled program.
+  """
+  start = time.perf_counter()
+  step, lowered = lower_step(config, topology, devices)
+  with partitioning.activate(step.mesh, step.rules):
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" in str(e) and _oom_bytes(str(e)) is not None:
+        return _oom_report(config, topology, step, str(e), time.perf_counter() - start), None
+      raise CompileError(
+          f"XLA cannot compile the train step for {topology.name}: "
+          f"{' '.join(str(e).split())[:600]}") from None
   return report(config, topology, step, compiled, time.perf_counter() - start), compiled
 
 
@@ -298,7 +369,7 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u1
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
 
 
 def _shape_bytes(text: str) -> int:
@@ -313,14 +384,21 @@ def _shape_bytes(text: str) -> int:
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Kind -> result bytes per step of that collective on one device, from the HLO text.
+  """Kind -> bytes per step of that collective on one device, from the compiled HLO text.
 
-  Asynchronous pairs count once (at '-done', whose result is the collective's).
-  An op inside a while loop counts once per iteration (XLA's known trip count),
-  so a GradCache loop's collectives count for every chunk.
+  Asynchronous pairs count once (at '-done', whose result is the collective's). A
+  ragged-all-to-all counts the smaller of its send and receive buffers: the
+  receive buffer of the dispatch is sized for every device sending all its rows
+  here, the send buffer of the return is that buffer, while each moves one
+  device's M assignments when every token is real. An op inside
+  a while loop counts once per iteration: the trip count is XLA's
+  known_trip_count, else the bound of the loop condition's `i < N` (the form
+  lax.scan / lax.map lower to), so a GradCache loop's collectives count per chunk.
   """
   per_computation: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+  calls: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
+  bounds: dict[str, list[int]] = collections.defaultdict(list)  # s32 scalar constants.
+  shapes: dict[str, str] = {}  # Instruction name -> its result shape.
   entry, current = None, None
   for line in hlo_text.splitlines():
     if (m := _COMPUTATION.match(line)) and "=" not in line.split("{")[0].split("(")[0]:
@@ -331,19 +409,38 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     m = _INSTRUCTION.match(line)
     if current is None or m is None:
       continue
-    shape, opcode, rest = m.groups()
+    name, shape, opcode, rest = m.groups()
+    shapes[name] = shape
+    if opcode == "constant" and (c := re.match(r"\s*[su]32\[\][^ ]*\s*$", shape + " ")) \
+        and (v := re.match(r"(\d+)\)", rest)):
+      bounds[current].append(int(v.group(1)))
     kind = opcode.removesuffix("-done")
     if kind in COLLECTIVES and not opcode.endswith("-start"):
-      if opcode.endswith("-done") or kind == opcode:
+      if kind == "ragged-all-to-all":
+        first = re.match(r"\s*([^%]*%[\w.\-]+)", rest)  # '[shape ]%name' of operand 0.
+        operand = first.group(1) if first else ""
+        inline = _ARRAY.search(operand)
+        ref = re.search(r"%([\w.\-]+)", operand)
+        sent = inline.group(0) if inline else shapes.get(ref.group(1), "") if ref else ""
+        per_computation[current][kind] += min(_shape_bytes(sent), _shape_bytes(shape))
+      else:
         per_computation[current][kind] += _shape_bytes(shape)
-    trips = 1
-    if opcode == "while" and (t := re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)):
-      trips = int(t.group(1))
+    trips: Any = 1
+    if opcode == "while":
+      t = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+      cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
+      trips = int(t.group(1)) if t else ("bound", cond.group(1) if cond else None)
     for attr, names in re.findall(
-        r"\b(body|condition|calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?", rest):
+        r"\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)", rest):
       for callee in re.findall(r"%?([\w.\-]+)", names):
         calls[current].append((callee, trips if attr == "body" else 1))
   totals: collections.Counter = collections.Counter()
+
+  def loop_trips(trips) -> int:
+    if isinstance(trips, int):
+      return trips
+    found = bounds.get(trips[1] or "", [])
+    return max(found) if len(found) == 1 else 1
 
   def visit(name: str, times: int, depth: int = 0):
     if depth > 64:
@@ -351,7 +448,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     for kind, count in per_computation.get(name, {}).items():
       totals[kind] += count * times
     for callee, trips in calls.get(name, ()):
-      visit(callee, times * trips, depth + 1)
+      visit(callee, times * loop_trips(trips), depth + 1)
 
   if entry is not None:
     visit(entry, 1)
@@ -392,41 +489,60 @@ def fit(config: ml_collections.ConfigDict, topology: Topology, first: dict[str, 
 
   Cost order: remat alone (one more forward, the whole batch at once), then
   GradCache chunks from the largest (one more forward, chunks run in turn), then
-  GradCache with remat (two more forwards). Memory falls with the chunk, so
-  the largest fitting chunk is found by bisection over the valid chunks.
+  GradCache with remat (two more forwards). For GradCache the search starts at
+  the largest chunk predicted to fit (temporaries in proportion to the rows of a
+  chunk, from the step compiled last) and walks up or down from there: memory
+  falls with the chunk, so it stops at the largest chunk that fits.
   """
   shards = partitioning.batch_shards(*run_config.mesh_and_rules(config, devices))
+  hbm = topology.chip.hbm_bytes
   tried: dict[tuple[int, bool], dict[str, Any]] = {
-      (config.grad_cache_chunk, bool(config.encoder.remat)): first}
+      (int(config.grad_cache_chunk), bool(config.encoder.remat)): first}
 
   def attempt(chunk: int, remat: bool) -> dict[str, Any]:
     if (chunk, remat) not in tried:
       result, _ = compile_step(_with(config, chunk, remat), topology, devices)
       mem = result["memory_bytes_per_chip"]["total"]
-      log(f"  grad_cache_chunk={chunk} remat={str(remat).lower()}: {mem / GiB:.1f} GiB per "
-          f"chip ({'fits' if result['fits'] else 'does not fit'}, compiled in "
-          f"{result['compile_s']:.0f} s)")
+      log(f"  --config.grad_cache_chunk={chunk} --config.encoder.remat={str(remat).lower()}: "
+          f"{mem / GiB:.1f} GiB per chip ({'fits' if result['fits'] else 'does not fit'}; "
+          f"compiled in {result['compile_s']:.0f} s)")
       tried[(chunk, remat)] = result
     return tried[(chunk, remat)]
 
-  def largest_fitting(chunks: list[int], remat: bool) -> Optional[int]:
-    lo, hi, best = 0, len(chunks) - 1, None  # chunks descending; memory falls with i.
-    while lo <= hi:
-      mid = (lo + hi) // 2
-      if attempt(chunks[mid], remat)["fits"]:
-        best, hi = chunks[mid], mid - 1
-      else:
-        lo = mid + 1
-    return best
+  def predicted_start(chunks: list[int], reference: dict[str, Any], rows: int) -> int:
+    mem = reference["memory_bytes_per_chip"]
+    fixed = mem["total"] - mem["temporaries"]
+    per_row = mem["temporaries"] / rows
+    for i, chunk in enumerate(chunks):
+      if fixed + per_row * chunk <= hbm:
+        return i
+    return len(chunks) - 1
+
+  def largest_fitting(chunks: list[int], remat: bool, reference, rows) -> Optional[int]:
+    """chunks descending (memory falling): the first that fits, walking from a prediction."""
+    if not chunks:
+      return None
+    i = predicted_start(chunks, reference, rows)
+    if attempt(chunks[i], remat)["fits"]:
+      while i > 0 and attempt(chunks[i - 1], remat)["fits"]:
+        i -= 1
+      return chunks[i]
+    while i + 1 < len(chunks):
+      i += 1
+      if attempt(chunks[i], remat)["fits"]:
+        return chunks[i]
+    return None
 
   remat, chunk = bool(config.encoder.remat), int(config.grad_cache_chunk)
+  rows = chunk or config.batch_size
+  if not chunk and not remat and attempt(0, True)["fits"]:
+    return _with(config, 0, True), tried[(0, True)]
   chunks = _chunks(config, shards)
-  plans = [([0], True)] if not chunk and not remat else []
-  plans.append((chunks, remat))
+  plans = [(chunks, remat, first)]
   if not remat:
-    plans.append((([chunk] if chunk else []) + chunks, True))
-  for candidates, use_remat in plans:
-    best = largest_fitting(candidates, use_remat)
+    plans.append((([chunk] if chunk else []) + chunks, True, tried.get((0, True), first)))
+  for candidates, use_remat, reference in plans:
+    best = largest_fitting(candidates, use_remat, reference, rows)
     if best is not None:
       return _with(config, best, use_remat), tried[(best, use_remat)]
   return None

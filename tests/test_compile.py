@@ -1,0 +1,196 @@
+"""Ahead-of-time compilation for TPU slices (moe_embed/train/aot.py, launch/compile.py).
+
+libtpu (the [tpu] extra) compiles for TPU topologies on this CPU machine. The
+small programs here are the tiny preset cut to its first two layers (one dense,
+one MoE) or one MoE layer, so each compile takes tens of seconds; the
+nomic_v2_moe compiles are marked slow and their figures live in the README.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import finetune, pretrain
+from moe_embed.model import param_count
+from moe_embed.model.config import EncoderConfig
+
+pytest.importorskip("libtpu")
+
+from moe_embed.train import aot  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(expert=4, exchange="auto", layers=2):
+  c = finetune.get_config("tiny")
+  c.encoder.num_layers = layers
+  c.batch_size, c.input.max_query_len, c.input.max_doc_len = 16, 16, 16
+  c.mesh.expert = expert
+  c.encoder.expert_exchange = exchange
+  return c
+
+
+@pytest.fixture(scope="module")
+def v5p8():
+  topology = aot.parse_topology("v5p-8")
+  return topology, aot.topology_devices(topology)
+
+
+@pytest.fixture(scope="module")
+def ragged_ep4(v5p8):
+  """The tiny step with mesh.expert=4 compiled for 4 v5p chips: (config, report, HLO text)."""
+  config = _tiny()
+  result, compiled = aot.compile_step(config, *v5p8)
+  return config, result, compiled.as_text()
+
+
+def test_accelerator_types_and_topology_strings_name_the_chips(v5p8):
+  topology, devices = v5p8
+  assert (topology.chips, topology.libtpu_name, len(devices)) == (4, "v5p:2x2x1", 4)
+  assert {d.platform for d in devices} == {"tpu"}
+  assert aot.parse_topology("v5p-64").libtpu_name == "v5p:2x4x4"
+  assert aot.parse_topology("v4-32").libtpu_name == "v4:2x2x4"  # 32 TensorCores, 16 chips.
+  assert aot.parse_topology("v6e-8").libtpu_name == "v6e:2x4"  # 8 chips.
+  assert aot.parse_topology("v5litepod-16").libtpu_name == "v5e:4x4"
+  assert aot.parse_topology("v6e:2x2").chips == 4
+  # Every accelerator type of the tables in the README, as libtpu builds it.
+  for name, chips in (("v4-32", 16), ("v6e-8", 8), ("v5p-64", 32)):
+    assert len(aot.topology_devices(aot.parse_topology(name))) == chips
+
+
+def test_ep4_step_for_tpu_holds_ragged_all_to_all_and_ragged_dot(ragged_ep4):
+  _, result, hlo = ragged_ep4
+  assert "ragged-all-to-all" in hlo and "ragged-dot" in hlo
+  assert result["collective_bytes"]["ragged-all-to-all"] > 0
+  assert result["fits"] and result["chips"] == 4
+  mem = result["memory_bytes_per_chip"]
+  assert 0 < mem["params_and_optimizer"] < mem["total"] <= result["hbm_bytes_per_chip"]
+  config = _tiny()  # The finetune recipe's 10 hard negatives are in the batch.
+  assert result["model_flops_per_step"] == param_count.train_step_flops(
+      EncoderConfig.from_dict(dict(config.encoder)), 16, 16, 16, config.input.num_negatives)
+  assert config.input.num_negatives == 10
+
+
+def test_padded_exchange_lowers_no_ragged_all_to_all(v5p8):
+  _, lowered = aot.lower_step(_tiny(exchange="padded"), *v5p8)
+  text = lowered.as_text()
+  assert "ragged_all_to_all" not in text and "all_to_all" in text
+  assert "ragged_dot" in text  # The TPU kernel all the same.
+
+
+def test_parameter_bytes_are_the_parameter_count_over_the_shards(ragged_ep4):
+  """params + AdamW moments, float32: 3 x 4 bytes per value; experts split over EP=4."""
+  config, result, _ = ragged_ep4
+  encoder = EncoderConfig.from_dict(dict(config.encoder))
+  boxed = param_count.abstract_params(encoder)
+  total = param_count.count_params(boxed)
+  experts = total - sum(size for size, names in param_count._leaves_with_names(boxed)
+                        if not names or names[0] != "exp")
+  expected = 3 * 4 * ((total - experts) + experts // 4 + 1)  # + the log temperature
+  reported = result["memory_bytes_per_chip"]["params_and_optimizer"]
+  assert experts > 0
+  # The rest: the step and the optimizer's int32 step counts (a few scalars).
+  assert 0 <= reported - expected <= 64
+
+
+_HLO = """HloModule step, entry_computation_layout={()->()}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%body (p: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
+  %x = f32[64,32]{1,0} get-tuple-element((s32[], f32[64,32]) %p), index=1
+  %ar = f32[64,32]{1,0} all-reduce(f32[64,32]{1,0} %x), replica_groups={{0,1,2,3}}, to_apply=%add
+  %r = bf16[400,8]{1,0} ragged-all-to-all(bf16[100,8]{1,0} %y, bf16[400,8]{1,0} %z, s32[4]{0} %o)
+  ROOT %t = (s32[], f32[64,32]) tuple(s32[] %i, f32[64,32]{1,0} %ar)
+}
+
+%cond (p: (s32[], f32[64,32])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: f32[16,8]) -> f32[64,8] {
+  %ags = (f32[16,8]{1,0}, f32[64,8]{1,0}) all-gather-start(f32[16,8]{1,0} %a), dimensions={0}
+  %ag = f32[64,8]{1,0} all-gather-done((f32[16,8]{1,0}, f32[64,8]{1,0}) %ags)
+  %w = (s32[], f32[64,32]) while((s32[], f32[64,32]) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %rs = (bf16[4,8]{1,0}, s8[2]{0}) reduce-scatter(bf16[16,8]{1,0} %b, s8[8]{0} %c), dimensions={0}, to_apply=%add
+  ROOT %out = f32[64,8]{1,0} copy(f32[64,8]{1,0} %ag)
+}
+"""
+
+
+def test_collective_bytes_count_loop_iterations_async_pairs_and_ragged_send_buffers():
+  assert aot.collective_bytes(_HLO) == {
+      "all-reduce": 3 * 64 * 32 * 4,  # In a while body run 3 times.
+      "all-gather": 64 * 8 * 4,  # The -start/-done pair once, at its result.
+      "all-to-all": 0,
+      "ragged-all-to-all": 3 * 100 * 8 * 2,  # The [100, 8] send buffer, not the receive one.
+      "reduce-scatter": 4 * 8 * 2 + 2,  # A tuple result: both arrays.
+  }
+
+
+def _compile_cli(*flags, json_path=None, timeout=900):
+  cmd = [sys.executable, os.path.join(REPO, "launch", "compile.py"), *flags]
+  if json_path:
+    cmd.append(f"--json={json_path}")
+  env = {**os.environ, "PYTHONPATH": REPO}
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+# One MoE layer of the tiny model at 4,096 x 512 tokens: about 150 GiB of
+# temporaries per chip on 4 v5e chips (16 GiB each) without GradCache.
+_TOO_BIG = ("--config=configs/finetune.py:tiny", "--topology=v5e-4",
+            "--config.encoder.num_layers=1", "--config.encoder.moe_every_n_layers=1",
+            "--config.encoder.remat=true", "--config.batch_size=4096",
+            "--config.input.max_query_len=512", "--config.input.max_doc_len=512")
+
+
+def test_step_that_cannot_fit_exits_1_with_one_line(tmp_path):
+  out = _compile_cli(*_TOO_BIG, json_path=str(tmp_path / "r.json"))
+  assert out.returncode == 1, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr
+  assert "GiB more than its 16 GiB HBM" in lines[0] and "grad_cache_chunk" in lines[0]
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["fits"] is False and report["memory_bytes_per_chip"]["total"] > 16 * 2 ** 30
+
+
+@pytest.mark.slow
+def test_fit_finds_a_grad_cache_chunk_that_compiles_within_hbm(tmp_path):
+  """Three compiles or more (the step, remat, GradCache chunks): slow on 2 cores."""
+  out = _compile_cli(*_TOO_BIG, "--fit", json_path=str(tmp_path / "r.json"), timeout=3600)
+  assert out.returncode == 0, out.stderr
+  line = next(l for l in out.stdout.splitlines() if l.startswith("Fits with:"))
+  flags = line.removeprefix("Fits with:").split()
+  assert flags and all(f.startswith("--config.") for f in flags)
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["fits"] and report["memory_bytes_per_chip"]["total"] <= 16 * 2 ** 30
+  # The report is that of the config the printed overrides make.
+  chunk = int(next(f for f in flags if "grad_cache_chunk" in f).split("=")[1])
+  assert report["grad_cache_chunk"] == chunk and 4096 % chunk == 0
+  # The largest such chunk: twice it was tried and did not fit.
+  assert f"--config.grad_cache_chunk={2 * chunk} --config.encoder.remat=true" in out.stdout
+  assert "does not fit" in out.stdout.split(f"grad_cache_chunk={2 * chunk} ")[1].splitlines()[0]
+
+
+def test_misspelt_topology_is_one_line_listing_valid_names():
+  out = _compile_cli("--config=configs/finetune.py:tiny", "--topology=v5p-7")
+  assert out.returncode == 1
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr
+  assert "'v5p-7'" in lines[0] and "v5p-8" in lines[0] and "v6e-8" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,topology", [(finetune, "v5p-8"), (pretrain, "v5p-64")])
+def test_paper_recipes_fit_their_slices(recipe, topology):
+  """The shipped nomic_v2_moe recipes compile within HBM for the slices their docstrings
+  name (minutes per compile; the figures are in the README)."""
+  result, _ = aot.compile_step(recipe.get_config("nomic_v2_moe"), aot.parse_topology(topology))
+  assert result["fits"], result["memory_bytes_per_chip"]
+  assert np.isfinite(result["model_flops_per_step"])
