@@ -97,6 +97,7 @@ def real_forward_flops(config: EncoderConfig, lengths: Any) -> Any:
 def real_train_step_flops(config: EncoderConfig, query_lengths: Any, doc_lengths: Any) -> Any:
   """train_step_flops of the real tokens: query_lengths [B], doc_lengths [B, 1 + N]."""
   b, group = doc_lengths.shape[0], doc_lengths.shape[-1]
-  logits = 2 * b * b * group * config.embedding_dim
+  logits = float(2 * b * b * group * config.embedding_dim)  # A Python int above 2**31
+  # would not convert to a jax scalar (the pretrain recipe's batch of 16,384 has 4.1e11).
   return 3.0 * (real_forward_flops(config, query_lengths)
                 + real_forward_flops(config, doc_lengths) + logits)

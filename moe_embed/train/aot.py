@@ -201,6 +201,11 @@ def build_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Step:
   loss_cfg = run_config.loss_config(config, encoder.embedding_dim)
   opt_cfg = run_config.optimizer_config(config)
   inputs = run_config.input_config(config)
+  if inputs.packing:
+    raise run_config.ConfigError(
+        "input.packing sizes its packed rows from the data's lengths, which an ahead-of-time "
+        "compile does not read; compile the padded step instead "
+        "(--config.input.packing=false).")
   mesh, rules = run_config.mesh_and_rules(config, devices)
   run_config.check_batch(config, partitioning.batch_shards(mesh, rules))
   model = EmbeddingModel(encoder)
