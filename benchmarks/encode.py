@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
 
 _NUM_TEXTS = flags.DEFINE_integer("num_texts", 256, "Texts per pass at --batch_size.")
-_NUM_TEXTS_B1 = flags.DEFINE_integer("num_texts_batch1", 64, "Texts per pass at batch 1.")
+_NUM_TEXTS_B1 = flags.DEFINE_integer("num_texts_batch1", 64,
+                                     "Texts per pass at batch 1 (0 skips batch 1).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Texts per batch (every encoder).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per encoder (median).")
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts of the upcycled MoE.")
@@ -158,6 +159,8 @@ def main(argv):
             "top_k": _TOP_K.value, "texts_per_s": {}, "first_pass_s": {}, "pass_s": {},
             "min_cosine_to_jax": {}}
   for batch, n in ((1, _NUM_TEXTS_B1.value), (_BATCH.value, _NUM_TEXTS.value)):
+    if not n:  # --num_texts_batch1=0 or --num_texts=0 skips that batch size.
+      continue
     sample = texts[:n]
     first, times, emb = _interleaved(
         {name: (lambda fn=fn: fn(sample, batch)) for name, fn in encoders.items()},
