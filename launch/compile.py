@@ -21,7 +21,10 @@ compile time. JSON keys: topology, chips, hbm_bytes_per_chip, fits,
 memory_bytes_per_chip {params_and_optimizer, temporaries, total},
 model_flops_per_step, estimated_step_s, estimated_mfu, collective_bytes
 {kind: bytes}, compile_s (and libtpu_topology, tokens_per_step,
-estimated_tokens_per_s_per_chip, grad_cache_chunk, remat).
+estimated_tokens_per_s_per_chip, grad_cache_chunk, remat). --real_token_share=S adds
+MFU on real tokens for texts that fill S of their width (`aot.real_token_mfu`):
+real_token_share, real_model_flops_per_step, estimated_real_mfu. The compiled step is
+the padded one (input.packing is refused here).
 
 Exit codes: 0 the step fits; 1 it does not (one line on stderr: the per-chip
 shortfall and the fields that change it), or a bad config or topology. With
@@ -55,6 +58,9 @@ _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON fi
 _FIT = flags.DEFINE_bool(
     "fit", False, "If the step does not fit, find the cheapest GradCache chunk / remat that "
     "does and print it as --config. overrides.")
+_REAL_SHARE = flags.DEFINE_float(
+    "real_token_share", 0.0, "Also report MFU on real tokens for this share of real tokens "
+    "per padded text (0.38: the embedded corpus at 128/128, benchmarks/packing.py); 0 = not.")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 1024 ** 3
@@ -81,6 +87,11 @@ def _print_report(result: dict) -> None:
                 f"{result['estimated_tokens_per_s_per_chip']:,.0f} tokens/s/chip")
   print(f"  model FLOPs per step: {result['model_flops_per_step']:.4g}; compiler's estimate "
         f"(XLA cost model, not a measurement): {estimate}")
+  if "real_token_share" in result:
+    real = result["estimated_real_mfu"]
+    print(f"  real tokens {result['real_token_share']:.0%} of each text's width: "
+          f"{result['real_model_flops_per_step']:.4g} model FLOPs of real tokens per step"
+          + (f", MFU on real tokens {real:.1%}" if real else ""))
   moved = ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in result["collective_bytes"].items())
   print(f"  collectives per step per chip: {moved}")
 
@@ -106,6 +117,12 @@ def main(argv):
   except aot.CompileError as e:
     print(f"Error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
+  if _REAL_SHARE.value:
+    try:
+      result.update(aot.real_token_mfu(config, result, _REAL_SHARE.value))
+    except ConfigError as e:
+      print(f"Config error: {cli.one_line(e)}", file=sys.stderr)
+      sys.exit(1)
   _print_report(result)
   final = result
   if not result["fits"] and _FIT.value:

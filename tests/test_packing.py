@@ -126,12 +126,15 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=2e-6):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("shards,chunk", [
-    (1, 0), pytest.param(1, 4, marks=pytest.mark.slow), pytest.param(8, 0, marks=pytest.mark.slow),
-    (8, 8)])
-def test_packed_step_equals_padded_step(shards, chunk):
-  """Loss, router statistics and gradients of the packed step == the padded step's."""
-  config = _small("tiny")
+@pytest.mark.parametrize("shards,chunk,expert,exchange", [
+    (1, 0, 1, "auto"), pytest.param(1, 4, 1, "auto", marks=pytest.mark.slow),
+    pytest.param(8, 0, 1, "auto", marks=pytest.mark.slow), (8, 8, 1, "auto"),
+    pytest.param(8, 0, 4, "padded", marks=pytest.mark.slow),
+    pytest.param(8, 8, 4, "ragged", marks=pytest.mark.slow)])
+def test_packed_step_equals_padded_step(shards, chunk, expert, exchange):
+  """Loss, router statistics and gradients of the packed step == the padded step's; with
+  `expert` > 1 the experts are split over that many devices (both token exchanges)."""
+  config = _small("tiny").replace(expert_exchange=exchange)
   model = EmbeddingModel(config)
   params = {"model": nn.meta.unbox(init_params(config, jax.random.PRNGKey(0))),
             "log_temperature": jnp.asarray(np.log(0.05), jnp.float32)}
@@ -149,7 +152,8 @@ def test_packed_step_equals_padded_step(shards, chunk):
   if units == 1:
     assert packed["packed_ids"].size < sum(v.size for k, v in padded.items() if "ids" in k)
 
-  mesh = partitioning.make_mesh(data=shards, expert=1, devices=jax.devices()[:shards])
+  mesh = partitioning.make_mesh(data=shards // expert, expert=expert,
+                                devices=jax.devices()[:shards])
   rules = partitioning.DEFAULT_RULES
   sharding = partitioning.batch_sharding(mesh, rules)
   constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), t)
@@ -183,3 +187,22 @@ def test_real_token_flops_count_each_text_over_its_own_tokens():
   logits = 2 * 3 * 3 * 2 * config.embedding_dim
   np.testing.assert_allclose(param_count.real_train_step_flops(config, q, d),
                              3 * (per_text + logits), rtol=1e-6)
+
+
+def test_compile_report_mfu_on_real_tokens():
+  from configs import finetune
+  from moe_embed.model import param_count
+  from moe_embed.train import aot
+  config = finetune.get_config("tiny")
+  result = {"topology": "v5p-8", "estimated_step_s": 0.01}
+  full = aot.real_token_mfu(config, result, 1.0)
+  encoder = model_config.preset("tiny", dtype=config.encoder.dtype)
+  flops = param_count.train_step_flops(encoder, config.batch_size, config.input.max_query_len,
+                                       config.input.max_doc_len, config.input.num_negatives)
+  np.testing.assert_allclose(full["real_model_flops_per_step"], flops, rtol=1e-5)
+  np.testing.assert_allclose(full["estimated_real_mfu"], aot.mfu(flops, 0.01, 4, 459e12),
+                             rtol=1e-5)
+  half = aot.real_token_mfu(config, result, 0.5)
+  assert 0.25 * flops < half["real_model_flops_per_step"] < 0.5 * flops  # Attention: n^2.
+  with pytest.raises(ValueError, match="real_token_share=0.0 must be in"):
+    aot.real_token_mfu(config, result, 0.0)

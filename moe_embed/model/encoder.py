@@ -112,8 +112,8 @@ class EmbeddingModel(nn.Module):
                    num_units: int, texts_per_unit: int) -> tuple[jax.Array, Aux]:
     """Packed rows -> (unit-norm float32 [num_units * texts_per_unit, d], aux).
 
-    ids, segment_ids, positions: int [R, P], R = num_units rows blocks; segment s of
-    unit u (its rows R/num_units * u ...) is text u * texts_per_unit + s - 1.
+    ids, segment_ids, positions: int [R, P], the rows of `num_units` units one after
+    another (R / num_units each); segment s of unit u is text u * texts_per_unit + s - 1.
     """
     hidden, aux = self.encoder(ids, segment_ids > 0, segment_ids=segment_ids,
                                positions=positions)

@@ -251,6 +251,32 @@ def _tokens(config: ml_collections.ConfigDict) -> int:
                               + (1 + config.input.num_negatives) * config.input.max_doc_len)
 
 
+def real_token_mfu(config: ml_collections.ConfigDict, result: dict[str, Any],
+                   real_token_share: float) -> dict[str, Any]:
+  """MFU on real tokens for a length mix: every text `real_token_share` of its width.
+
+  `result` is a `report` of the padded step; the step time is its estimate, the
+  FLOPs those of the real tokens only (`param_count.real_train_step_flops`, each
+  text attending over its own tokens). The embedded corpus is 38% real at 128/128
+  (benchmarks/packing.py). -> {real_token_share, real_model_flops_per_step,
+  estimated_real_mfu}; estimated_real_mfu is None without an estimated step time.
+  """
+  if not 0 < real_token_share <= 1:
+    raise run_config.ConfigError(
+        f"real_token_share={real_token_share} must be in (0, 1].")
+  encoder = _encoder_config(config)
+  b, n = config.batch_size, config.input.num_negatives
+  lq = real_token_share * config.input.max_query_len
+  ld = real_token_share * config.input.max_doc_len
+  flops = float(param_count.real_train_step_flops(
+      encoder, np.full(b, lq, np.float32), np.full((b, 1 + n), ld, np.float32)))
+  topology = parse_topology(result["topology"])
+  step_s = result["estimated_step_s"]
+  return {"real_token_share": real_token_share, "real_model_flops_per_step": flops,
+          "estimated_real_mfu": step_s and mfu(flops, step_s, topology.chips,
+                                               topology.chip.peak_bf16_flops)}
+
+
 def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, compiled,
            compile_s: float) -> dict[str, Any]:
   """The JSON report of a compiled step (see launch/compile.py for the keys)."""
