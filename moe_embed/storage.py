@@ -12,6 +12,7 @@ and Orbax themselves. What is left here:
   public_mode    give a file or folder written through a private temporary (mkstemp,
                  mkdtemp, safetensors) the mode the umask gives a new file
   check_bucket   fail at once, naming the path, when a URI's bucket is missing
+  walk_files     every file under a folder, as paths that keep the folder's scheme
 
 `moe_embed/__init__.py` calls `use_emulator()` on import, before any client starts.
 """
@@ -96,6 +97,18 @@ def public_mode(path: str | os.PathLike) -> None:
 
 
 BUCKET_TIMEOUT_S = 15.0  # How long check_bucket waits for an object store to answer.
+
+
+def walk_files(folder: str | os.PathLike) -> list[epath.Path]:
+  """Every file under `folder`, sorted, each as `folder / relative path`.
+
+  epath's `walk` on gcsfs yields folders without their `gs://` scheme, so joining
+  its names would name local paths; `iterdir` keeps the scheme.
+  """
+  found = []
+  for child in epath.Path(folder).iterdir():
+    found += walk_files(child) if child.is_dir() else [child]
+  return sorted(found, key=os.fspath)
 
 
 def check_bucket(path: str | os.PathLike, timeout_s: float = BUCKET_TIMEOUT_S) -> None:

@@ -233,9 +233,9 @@ def store_tokenizer(folder: epath.Path, tokenizer_path: str, info: dict) -> None
 
 def file_sizes(folder: os.PathLike | str) -> dict[str, int]:
   """{path relative to `folder`: bytes} of every file of a dataset but its info."""
-  root = epath.Path(folder)
-  return {os.path.relpath(os.fspath(base / name), os.fspath(root)): (base / name).stat().length
-          for base, _, names in root.walk() for name in names if name != INFO}
+  root = os.fspath(epath.Path(folder))
+  return {os.path.relpath(os.fspath(path), root): path.stat().length
+          for path in storage.walk_files(folder) if path.name != INFO}
 
 
 def check_files(data_dir: str, info: dict) -> None:

@@ -19,6 +19,7 @@ import zlib
 from typing import Iterator, Optional, Sequence
 
 from etils import epath
+from moe_embed import storage
 
 DEFAULT_SOURCE = "default"
 MAX_REPORTED = 5
@@ -74,8 +75,7 @@ def expand_inputs(inputs: str | Sequence[str],
         raise FileNotFoundError(f"No files match {item}.")
       files += found
     elif path.is_dir():
-      every = sorted(os.fspath(folder / name) for folder, _, names in path.walk()
-                     for name in names)
+      every = [os.fspath(f) for f in storage.walk_files(path)]
       found = [f for f in every if f.endswith((".jsonl", ".jsonl.gz"))]
       if skipped is not None:
         skipped += [f for f in every if f not in found]
