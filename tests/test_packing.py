@@ -17,6 +17,7 @@ from moe_embed.data import packing
 from moe_embed.model import config as model_config
 from moe_embed.model.encoder import EmbeddingModel, init_params
 from moe_embed.train import step as step_lib
+from tests.tree_asserts import assert_trees_close
 
 
 def _texts(rng, lengths, vocab=500):
@@ -118,14 +119,6 @@ def _padded_batch(config, rng, b, n, lq, ld):
   return batch, (q, d, negs)
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=2e-6):
-  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
-
-
 @pytest.mark.parametrize("shards,chunk,expert,exchange", [
     (1, 0, 1, "auto"), pytest.param(1, 4, 1, "auto", marks=pytest.mark.slow),
     pytest.param(8, 0, 1, "auto", marks=pytest.mark.slow), (8, 8, 1, "auto"),
@@ -171,10 +164,10 @@ def test_packed_step_equals_padded_step(shards, chunk, expert, exchange):
   np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-5)
   for key in ("contrastive_loss", "load_balancing_loss", "router_z_loss", "accuracy"):
     np.testing.assert_allclose(float(extras2[key]), float(extras1[key]), rtol=1e-5)
-  _assert_trees_close(extras2["stats"], extras1["stats"])
+  assert_trees_close(extras2["stats"], extras1["stats"])
   assert float(extras1["stats"]["layer_1"]["num_tokens"]) == sum(
       map(len, q + d + [t for ns in negs for t in ns]))
-  _assert_trees_close(grads2, grads1)
+  assert_trees_close(grads2, grads1)
 
 
 def test_real_token_flops_count_each_text_over_its_own_tokens():

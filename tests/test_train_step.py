@@ -12,6 +12,7 @@ from moe_embed.model import config as model_config
 from moe_embed.model.encoder import EmbeddingModel, init_params
 from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import step as step_lib
+from tests.tree_asserts import assert_trees_close
 
 
 def _batch(config, b=16, n=2, lq=8, ld=12, seed=0):
@@ -40,14 +41,6 @@ def _setup(**loss_kwargs):
   return config, model, params, cfg
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=2e-6):
-  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
-
-
 def _plain(model, config, cfg, params, batch):
   fn = jax.jit(lambda p, b: step_lib.plain_loss_and_grads(model, config, cfg, p, b))
   loss, extras, grads = fn(params, batch)
@@ -71,7 +64,7 @@ def test_sharded_loss_and_grads_equal_single_device_with_hard_negatives():
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
   np.testing.assert_allclose(float(extras8["load_balancing_loss"]),
                              float(extras1["load_balancing_loss"]), rtol=1e-5)
-  _assert_trees_close(grads8, grads1)
+  assert_trees_close(grads8, grads1)
 
 
 @pytest.mark.parametrize("shards,chunk", [(1, 4), (8, 8)])
@@ -96,7 +89,7 @@ def test_grad_cache_gradients_equal_plain_step(shards, chunk):
     np.testing.assert_allclose(float(extras2[key]), float(extras1[key]), rtol=1e-5)
   assert float(extras1["load_balancing_loss"]) > 0.5  # The router losses are really present.
   assert np.any(np.asarray(grads1["model"]["encoder"]["layer_1"]["mlp"]["router"]["kernel"]))
-  _assert_trees_close(grads2, grads1)
+  assert_trees_close(grads2, grads1)
 
 
 def test_split_chunks_takes_every_shard():
