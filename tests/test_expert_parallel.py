@@ -23,7 +23,8 @@ from moe_embed.moe import expert_parallel, experts, routing
 from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import state as state_lib
 from moe_embed.train import step as step_lib
-from tests.test_train_step import _assert_trees_close, _batch, _plain, _setup
+from tests.test_train_step import _batch, _plain, _setup
+from tests.tree_asserts import assert_trees_close
 
 
 @pytest.mark.parametrize("expert,exchange", [(4, "padded"), (8, "padded"), (4, "ragged")])
@@ -57,7 +58,7 @@ def test_expert_parallel_loss_and_grads_equal_single_device(expert, exchange):
   np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-5)
   np.testing.assert_allclose(float(extras2["load_balancing_loss"]),
                              float(extras1["load_balancing_loss"]), rtol=1e-5)
-  _assert_trees_close(grads2["model"], grads1["model"])
+  assert_trees_close(grads2["model"], grads1["model"])
   # d loss / d log(temperature) sums B * (B + B*N) logits: float32 summation order shows.
   np.testing.assert_allclose(float(grads2["log_temperature"]), float(grads1["log_temperature"]),
                              rtol=1e-4)
