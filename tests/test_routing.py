@@ -1,5 +1,6 @@
 """Router losses and statistics against their definitions."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
@@ -61,6 +62,29 @@ def test_route_topk_entropy_and_padding():
   assert float(np.asarray(stats["expert_counts"]).sum()) == 8
   r2 = routing.route(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(valid), 2, True)
   np.testing.assert_allclose(np.asarray(r2.weights).sum(-1), valid.astype(float), rtol=1e-6)
+
+
+def test_topk_weights_and_their_gradient_equal_top_k_values_exactly():
+  """The one-hot read of the top-k weights (no scatter in the backward) changes no bit
+  of the weights and matches the gradient through jax.lax.top_k's own values."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  valid = jnp.asarray(rng.random(64) > 0.2)
+  cotangent = jnp.asarray(rng.normal(size=(64, 2)), jnp.float32)
+
+  def ours(x):
+    return jnp.sum(routing.route(x, kernel, valid, 2, False).weights * cotangent)
+
+  def through_top_k(x):
+    probs = jax.nn.softmax(jnp.dot(x, kernel, precision=jax.lax.Precision.HIGHEST), axis=-1)
+    return jnp.sum(jax.lax.top_k(probs, 2)[0] * valid[:, None] * cotangent)
+
+  r = routing.route(x, kernel, valid, 2, False)
+  np.testing.assert_array_equal(np.asarray(r.weights),
+                                np.asarray(jax.lax.top_k(r.probs, 2)[0] * valid[:, None]))
+  np.testing.assert_allclose(np.asarray(jax.grad(ours)(x)), np.asarray(jax.grad(through_top_k)(x)),
+                             rtol=1e-6, atol=1e-7)
 
 
 def test_chunk_shares_add_up_to_the_full_loss():

@@ -42,7 +42,13 @@ def route(x: jax.Array, kernel: jax.Array, valid: jax.Array, top_k: int,
   logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
   probs = jax.nn.softmax(logits, axis=-1)
-  weights, experts = jax.lax.top_k(probs, top_k)
+  experts = jax.lax.top_k(jax.lax.stop_gradient(probs), top_k)[1]  # [T, K]
+  # The weights read through a one-hot contraction, not top_k's own values: the
+  # gradient of those is a scatter into [T, E], which TPUs run serially and which
+  # XLA's TPU cost model cannot time (it returns a negative step time). Exact: each
+  # weight is one probability times 1, plus zeros.
+  one_hot = jax.nn.one_hot(experts, probs.shape[-1], dtype=probs.dtype)  # [T, K, E]
+  weights = jnp.sum(probs[:, None, :] * one_hot, axis=-1)  # [T, K]
   if renormalize:
     weights = weights / topk_norm(weights, float(renormalize))
   weights = weights * valid[:, None]

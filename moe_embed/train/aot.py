@@ -278,8 +278,13 @@ def real_token_mfu(config: ml_collections.ConfigDict, result: dict[str, Any],
 
 
 def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, compiled,
-           compile_s: float) -> dict[str, Any]:
-  """The JSON report of a compiled step (see launch/compile.py for the keys)."""
+           compile_s: float, lowered_hlo: str = "") -> dict[str, Any]:
+  """The JSON report of a compiled step (see launch/compile.py for the keys).
+
+  The step time is XLA's TPU cost model (`optimal_seconds`), which counts each
+  while-loop body once, times `loop_flop_ratio` of the lowered program, so each
+  GradCache chunk counts: a compiler estimate, not a measurement.
+  """
   stats = compiled.memory_analysis()
   params = per_chip_bytes(step.state)
   total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -287,8 +292,9 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   # XLA's cost model for the compiled program (None where it gives no positive time).
-  step_s = float(cost.get("optimal_seconds", 0.0))
-  step_s = step_s if step_s > 0 else None
+  xla_s = float(cost.get("optimal_seconds", 0.0))
+  ratio = loop_flop_ratio(lowered_hlo) if lowered_hlo else 1.0
+  step_s = xla_s * ratio if xla_s > 0 else None
   flops, tokens = _model_flops(config, step.encoder), _tokens(config)
   hbm = topology.chip.hbm_bytes
   return {
@@ -306,6 +312,8 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
       "estimated_step_s": step_s,
       "estimated_mfu": step_s and mfu(flops, step_s, topology.chips,
                                       topology.chip.peak_bf16_flops),
+      "xla_optimal_seconds": xla_s,  # Each loop body once; negative: XLA cannot time it.
+      "loop_flop_ratio": ratio,
       "tokens_per_step": tokens,
       "estimated_tokens_per_s_per_chip": step_s and tokens / step_s / topology.chips,
       "collective_bytes": collective_bytes(compiled.as_text()),
@@ -377,7 +385,8 @@ def compile_step(config: ml_collections.ConfigDict, topology: Topology,
       raise CompileError(
           f"XLA cannot compile the train step for {topology.name}: "
           f"{' '.join(str(e).split())[:600]}") from None
-  return report(config, topology, step, compiled, time.perf_counter() - start), compiled
+  return report(config, topology, step, compiled, time.perf_counter() - start,
+                lowered.compiler_ir("hlo").as_hlo_text()), compiled
 
 
 def shortfall_line(config: ml_collections.ConfigDict, result: dict[str, Any]) -> str:
@@ -414,17 +423,14 @@ def _shape_bytes(text: str) -> int:
   return int(total)
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Kind -> bytes per step of that collective on one device, from the compiled HLO text.
+def _loop_weighted(hlo_text: str, measure) -> tuple[collections.Counter, collections.Counter]:
+  """(per step, each loop body once) sums of `measure` over the instructions of HLO text.
 
-  Asynchronous pairs count once (at '-done', whose result is the collective's). A
-  ragged-all-to-all counts the smaller of its send and receive buffers: the
-  receive buffer of the dispatch is sized for every device sending all its rows
-  here, the send buffer of the return is that buffer, while each moves one
-  device's M assignments when every token is real. An op inside
-  a while loop counts once per iteration: the trip count is XLA's
-  known_trip_count, else the bound of the loop condition's `i < N` (the form
-  lax.scan / lax.map lower to), so a GradCache loop's collectives count per chunk.
+  `measure(opcode, shape, rest, shapes)` -> iterable of (kind, value) for one
+  instruction; `shapes` maps the names seen so far to their result shapes. An
+  instruction inside a while loop counts once per iteration: the trip count is
+  XLA's known_trip_count, else the bound of the loop condition's `i < N` (the
+  form lax.scan / lax.map lower to).
   """
   per_computation: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   calls: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
@@ -442,20 +448,11 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       continue
     name, shape, opcode, rest = m.groups()
     shapes[name] = shape
-    if opcode == "constant" and (c := re.match(r"\s*[su]32\[\][^ ]*\s*$", shape + " ")) \
+    if opcode == "constant" and re.match(r"\s*[su]32\[\][^ ]*\s*$", shape + " ") \
         and (v := re.match(r"(\d+)\)", rest)):
       bounds[current].append(int(v.group(1)))
-    kind = opcode.removesuffix("-done")
-    if kind in COLLECTIVES and not opcode.endswith("-start"):
-      if kind == "ragged-all-to-all":
-        first = re.match(r"\s*([^%]*%[\w.\-]+)", rest)  # '[shape ]%name' of operand 0.
-        operand = first.group(1) if first else ""
-        inline = _ARRAY.search(operand)
-        ref = re.search(r"%([\w.\-]+)", operand)
-        sent = inline.group(0) if inline else shapes.get(ref.group(1), "") if ref else ""
-        per_computation[current][kind] += min(_shape_bytes(sent), _shape_bytes(shape))
-      else:
-        per_computation[current][kind] += _shape_bytes(shape)
+    for kind, value in measure(opcode, shape, rest, shapes):
+      per_computation[current][kind] += value
     trips: Any = 1
     if opcode == "while":
       t = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
@@ -465,7 +462,6 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         r"\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)", rest):
       for callee in re.findall(r"%?([\w.\-]+)", names):
         calls[current].append((callee, trips if attr == "body" else 1))
-  totals: collections.Counter = collections.Counter()
 
   def loop_trips(trips) -> int:
     if isinstance(trips, int):
@@ -473,17 +469,85 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     found = bounds.get(trips[1] or "", [])
     return max(found) if len(found) == 1 else 1
 
-  def visit(name: str, times: int, depth: int = 0):
+  def visit(name: str, times: int, totals: collections.Counter, looped: bool, depth: int = 0):
     if depth > 64:
       return
     for kind, count in per_computation.get(name, {}).items():
       totals[kind] += count * times
     for callee, trips in calls.get(name, ()):
-      visit(callee, times * loop_trips(trips), depth + 1)
+      visit(callee, times * (loop_trips(trips) if looped else 1), totals, looped, depth + 1)
 
+  per_step, once = collections.Counter(), collections.Counter()
   if entry is not None:
-    visit(entry, 1)
+    visit(entry, 1, per_step, True)
+    visit(entry, 1, once, False)
+  return per_step, once
+
+
+_OPERAND = re.compile(r"\s*((?:[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?\s+)?)%?([\w.\-]+)")
+
+
+def _first_operand_shape(rest: str, shapes: dict[str, str]) -> str:
+  """The shape of an instruction's first operand, written '[shape ]%name' or 'name'."""
+  m = _OPERAND.match(rest)
+  if m is None:
+    return ""
+  inline = _ARRAY.search(m.group(1))
+  return inline.group(0) if inline else shapes.get(m.group(2), "")
+
+
+def _collectives(opcode: str, shape: str, rest: str, shapes: dict[str, str]):
+  kind = opcode.removesuffix("-done")
+  if kind not in COLLECTIVES or opcode.endswith("-start"):
+    return ()
+  if kind == "ragged-all-to-all":
+    sent = _first_operand_shape(rest, shapes)
+    return ((kind, min(_shape_bytes(sent), _shape_bytes(shape))),)
+  return ((kind, _shape_bytes(shape)),)
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Kind -> bytes per step of that collective on one device, from the compiled HLO text.
+
+  Asynchronous pairs count once (at '-done', whose result is the collective's). A
+  ragged-all-to-all counts the smaller of its send and receive buffers: the
+  receive buffer of the dispatch is sized for every device sending all its rows
+  here, the send buffer of the return is that buffer, while each moves one
+  device's M assignments when every token is real. An op inside a while loop
+  counts once per iteration (`_loop_weighted`), so a GradCache loop's
+  collectives count per chunk.
+  """
+  totals, _ = _loop_weighted(hlo_text, _collectives)
   return {kind: int(totals.get(kind, 0)) for kind in COLLECTIVES}
+
+
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _dot_flops(opcode: str, shape: str, rest: str, shapes: dict[str, str]):
+  """2 x result elements x contracted size, for dot and ragged-dot."""
+  if opcode not in ("dot", "ragged-dot"):
+    return ()
+  lhs = _first_operand_shape(rest, shapes)
+  contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+  dims = _dims(lhs)
+  if not dims or contracting is None:
+    return ()
+  k = math.prod(dims[int(i)] for i in contracting.group(1).split(",") if i)
+  return (("flops", 2 * math.prod(_dims(shape)) * k),)
+
+
+def loop_flop_ratio(hlo_text: str) -> float:
+  """Dot FLOPs per step over dot FLOPs with each while-loop body counted once.
+
+  XLA's cost analysis counts a loop body once; scaling its time by this ratio
+  counts each GradCache chunk (and each block of a blocked ragged_dot). 1.0
+  for a program without loops or without dots.
+  """
+  per_step, once = _loop_weighted(hlo_text, _dot_flops)
+  return per_step["flops"] / once["flops"] if once["flops"] else 1.0
 
 
 # --- Finding a change that fits ----------------------------------------------
