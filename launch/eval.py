@@ -63,29 +63,6 @@ _RESCORE = flags.DEFINE_integer(
 flags.mark_flag_as_required("model")
 
 
-def _check_output(path: str) -> None:
-  """Fails now, not after hours of encoding, if `path` cannot be written.
-
-  A gs:// output needs its bucket; a local one an existing folder (not made here).
-  """
-  if "://" in path:
-    cli.check_output_file(path)
-    return
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise OSError(f"--output={path} is a folder; give a file name.")
-  if not os.path.isdir(parent):
-    raise OSError(f"--output={path}: folder {parent} does not exist.")
-  existed = os.path.exists(path)
-  try:
-    with open(path, "a"):
-      pass
-  except OSError as e:
-    raise OSError(f"--output={path} cannot be written ({e.strerror}).") from None
-  if not existed:
-    os.remove(path)
-
-
 def _dims() -> list[int]:
   try:
     return [int(d) for d in _DIMS.value]
@@ -101,8 +78,8 @@ def main(argv):
   from moe_embed import evaluation
   from moe_embed import inference
   from moe_embed.evaluation import beir
-  if _OUTPUT.value:
-    _check_output(_OUTPUT.value)
+  if _OUTPUT.value:  # Fails now, not after hours of encoding; makes no folder.
+    cli.check_output_file(_OUTPUT.value, flag="output", make_parent=False)
   dims = _dims()
   from moe_embed.evaluation import quantization
   precisions = quantization.check_precisions(_QUANTIZE.value)

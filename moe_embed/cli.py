@@ -117,26 +117,31 @@ def run(main: Callable[[list[str]], None]) -> None:
   app.run(guarded, flags_parser=_parse_flags)
 
 
-def check_output_file(path: str) -> None:
-  """Makes the parent folder of `path` and checks it can be written, before any work.
+def check_output_file(path: str, flag: str | None = None, make_parent: bool = True) -> None:
+  """Checks before any work that `path` can be written; makes its parent folder.
 
   A gs:// output is checked for its bucket (a missing one fails here, not after
   the work); object stores have no folders to make or permissions to test.
+  `flag` names the output in errors as `--flag=path`; `make_parent=False`
+  requires the local parent folder to exist instead of making it.
   """
+  name = f"--{flag}={path}" if flag else f"Output {path}"
   if storage.is_remote(path):
     _check_bucket(path)
     if epath.Path(path).is_dir():
-      raise UserError(f"Output {path} is a folder; give a file path.")
+      raise UserError(f"{name} is a folder; give a file path.")
     return
   parent = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
-    raise UserError(f"Output {path} is a folder; give a file path.")
+    raise UserError(f"{name} is a folder; give a file path.")
+  if not make_parent and not os.path.isdir(parent):
+    raise UserError(f"{name}: folder {parent} does not exist.")
   try:
     os.makedirs(parent, exist_ok=True)
   except OSError as e:
     raise UserError(f"Cannot create the output folder {parent}: {e.strerror}.") from None
-  if not os.access(parent, os.W_OK):
-    raise UserError(f"Cannot write to {parent}: permission denied; choose another output.")
+  if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise UserError(f"{name} cannot be written: permission denied; choose another output.")
 
 
 def check_output_folder(path: str) -> None:
