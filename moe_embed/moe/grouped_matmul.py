@@ -5,19 +5,20 @@ Rows of `lhs` are grouped by expert: group e occupies rows
 to a multiple of `tile` rows (zeros in the padding), and is multiplied by
 `rhs[e]`. Axis letters: P buffer rows, D input width, F output width, E experts.
 
-Three kernels, selectable by name; `kernel_for_backend` resolves 'auto':
+Three kernels, selectable by name (`encoder.grouped_matmul`); `kernel_for_backend`
+resolves 'auto':
 - 'windowed' (auto on CPU): expert e does one large matmul over a static
   window of W rows (about the average group) starting at its group, keeps the
-  rows that are its own, and covers a longer group with the tile loop below.
+  rows that are its own, and covers a longer group with a loop over row tiles.
   Custom VJP of the same form. With balanced routing nearly all FLOPs are in E
   large matmuls.
-- 'tiled': for each expert, a loop over its row tiles with that expert's
-  weights (one weight slice per expert, no per-tile weight copies) and a custom
-  VJP of the same form.
-- 'ragged_dot': `jax.lax.ragged_dot` on unpadded groups (tile = 1), in blocks of
-  at most RAGGED_DOT_MAX_ROWS rows (TPU's kernel fails to compile above); GPU and TPU
-  lower it to grouped kernels. On CPU it runs ~10x slower than a dense matmul
-  of equal FLOPs (benchmarks/moe_layer.py prints the comparison).
+- 'tiled': the same kernel without the window (W = 0): the tile loop alone, one
+  matmul of `tile` rows per step with that expert's weights.
+- 'ragged_dot' (auto on GPU and TPU, which lower it to grouped kernels):
+  `jax.lax.ragged_dot` on unpadded groups (tile = 1), in blocks of at most
+  RAGGED_DOT_MAX_ROWS rows (TPU's kernel fails to compile above). On CPU it is
+  several times slower than the windowed kernel (the measured figure and its
+  command: README, Performance notes).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class GroupLayout:
 
 def kernel_for_backend(name: str, backend: str | None = None) -> str:
   """Resolves 'auto' to the kernel measured fastest on the backend.
+
+  'ragged_dot' where XLA has grouped-matmul kernels for it (GPU, TPU); 'windowed'
+  on CPU, where ragged_dot is slow. Never 'tiled': the choice is made when tracing,
+  before the group sizes are known, and the tiled kernel does the windowed kernel's
+  work in smaller matmuls; on CPU it measured 1.3-1.4x the windowed block's time from
+  1,024 tokens up (README, Performance notes). It stays as the tile loop alone, to
+  compare against.
 
   backend: a platform name ('cpu', 'gpu', 'tpu'); the caller passes that of the
   devices it builds for (`expert_parallel.mesh_platform`). Default: the host's.
@@ -122,16 +130,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, layout: GroupLayout, kernel: str) -> jax
   """lhs [P, D] grouped rows, rhs [E, D, F] -> [P, F]; rows outside groups give 0."""
   if kernel == "ragged_dot":
     return ragged_dot_blocked(lhs, rhs, layout.group_sizes)
-  if kernel == "tiled":
-    p, d = lhs.shape
-    out = _tiled_gmm(lhs.reshape(p // layout.tile, layout.tile, d), rhs,
-                     layout.tile_start, layout.tile_end)
-    return out.reshape(p, rhs.shape[-1])
-  if kernel == "windowed":
-    if not layout.window:
+  if kernel in ("windowed", "tiled"):
+    if kernel == "windowed" and not layout.window:
       raise ValueError("The 'windowed' kernel needs a layout made with window > 0.")
-    return _windowed_gmm(lhs, rhs, layout.tile_start, layout.tile_end, layout.tile,
-                         layout.window)
+    window = layout.window if kernel == "windowed" else 0
+    return _grouped_gmm(lhs, rhs, layout.tile_start, layout.tile_end, layout.tile, window)
   raise ValueError(f"Unknown grouped matmul kernel {kernel!r}; choose from {KERNELS}.")
 
 
@@ -164,114 +167,79 @@ def ragged_dot_blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
   return out.reshape(blocks * max_rows, -1)[:p]
 
 
-def _tile_loop(lhs3: jax.Array, rhs: jax.Array, tile_start, tile_end) -> jax.Array:
-  """[T, tile, D] x [E, D, F] -> [T, tile, F]: tiles of group e times rhs[e]."""
-  n_tiles, tile, _ = lhs3.shape
-  out = jnp.zeros((n_tiles, tile, rhs.shape[-1]), lhs3.dtype)
+# The 'windowed' and 'tiled' kernels are one kernel. Expert e first multiplies one
+# static window of W rows starting at its group (a single large matmul) and keeps
+# the rows that belong to it; the tile loop then covers the tiles of its group past
+# the window. 'tiled' is the same with W = 0: the tile loop covers every tile. With
+# balanced routing and W the average group, nearly all work is in the E large
+# matmuls, forward and backward.
+
+
+def _cover_group(e: int, tile_start, tile_end, tile: int, window: int, visit, carry):
+  """Folds `visit(first_row, num_rows, keep, carry)` over the rows of expert e's group.
+
+  First its window (when `window` > 0: rows [start, start + window), `keep`
+  [window, 1] marks those inside the group), then each tile past the window
+  (`tile` rows, keep None). The one tile loop of the forward and backward passes.
+  """
+  start = tile_start[e] * tile
+  if window:
+    keep = jnp.arange(window)[:, None] < (tile_end[e] - tile_start[e]) * tile
+    carry = visit(start, window, keep, carry)
+  first = jnp.minimum(tile_start[e] + window // tile, tile_end[e])
+  return jax.lax.fori_loop(first, tile_end[e],
+                           lambda t, c: visit(t * tile, tile, None, c), carry)
+
+
+def _products(lhs, rhs, tile_start, tile_end, tile, window):
+  """lhs [P, D] x rhs [E, D, F] -> [P, F]: each group's rows times its expert's matrix."""
+  out = jnp.zeros((lhs.shape[0], rhs.shape[-1]), lhs.dtype)
   for e in range(rhs.shape[0]):
-    w_e = rhs[e]
 
-    def body(t, out, w_e=w_e):
-      return jax.lax.dynamic_update_index_in_dim(
-          out, jnp.dot(lhs3[t], w_e, preferred_element_type=jnp.float32).astype(out.dtype),
-          t, 0)
+    def visit(row, n, keep, out, w_e=rhs[e]):
+      res = jnp.dot(jax.lax.dynamic_slice_in_dim(lhs, row, n), w_e,
+                    preferred_element_type=jnp.float32).astype(out.dtype)
+      if keep is not None:
+        res = jnp.where(keep, res, jax.lax.dynamic_slice_in_dim(out, row, n))
+      return jax.lax.dynamic_update_slice_in_dim(out, res, row, 0)
 
-    out = jax.lax.fori_loop(tile_start[e], tile_end[e], body, out)
+    out = _cover_group(e, tile_start, tile_end, tile, window, visit, out)
   return out
 
 
-@jax.custom_vjp
-def _tiled_gmm(lhs3, rhs, tile_start, tile_end):
-  return _tile_loop(lhs3, rhs, tile_start, tile_end)
+def _weight_grads(lhs, g, tile_start, tile_end, tile, window):
+  """float32 [E, D, F]: per expert, the sum over its group's rows of lhs [P, D]^T g [P, F]."""
+  grads = []
+  for e in range(tile_start.shape[0]):
 
+    def visit(row, n, keep, acc):
+      g_rows = jax.lax.dynamic_slice_in_dim(g, row, n)
+      if keep is not None:
+        g_rows = jnp.where(keep, g_rows, 0)
+      return acc + jnp.dot(jax.lax.dynamic_slice_in_dim(lhs, row, n).T, g_rows,
+                           preferred_element_type=jnp.float32)
 
-def _tiled_gmm_fwd(lhs3, rhs, tile_start, tile_end):
-  return _tile_loop(lhs3, rhs, tile_start, tile_end), (lhs3, rhs, tile_start, tile_end)
-
-
-def _tiled_gmm_bwd(residuals, g):
-  lhs3, rhs, tile_start, tile_end = residuals
-  d_lhs = _tile_loop(g, jnp.swapaxes(rhs, 1, 2), tile_start, tile_end)
-  d_rhs = []
-  for e in range(rhs.shape[0]):
-
-    def body(t, acc):
-      return acc + jnp.dot(lhs3[t].T, g[t], preferred_element_type=jnp.float32)
-
-    d_rhs.append(jax.lax.fori_loop(
-        tile_start[e], tile_end[e], body, jnp.zeros(rhs.shape[1:], jnp.float32)))
-  zero_index = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
-  return (d_lhs, jnp.stack(d_rhs).astype(rhs.dtype),
-          zero_index(tile_start), zero_index(tile_end))
-
-
-_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
-
-
-# The 'windowed' kernel: expert e multiplies one static window of W rows starting
-# at its group (a single large matmul), keeps the rows that belong to it, and
-# covers any rows of a group longer than W with the tile loop. With balanced
-# routing nearly all work is in the E large matmuls, forward and backward.
-
-
-def _window_loop(lhs, rhs, tile_start, tile_end, tile, window):
-  """lhs [P, D] x rhs [E, D, F] -> [P, F] by windows plus overflow tiles."""
-  p = lhs.shape[0]
-  out = jnp.zeros((p, rhs.shape[-1]), lhs.dtype)
-  rows = jnp.arange(window)[:, None]
-  for e in range(rhs.shape[0]):
-    start = tile_start[e] * tile
-    length = (tile_end[e] - tile_start[e]) * tile
-    block = jax.lax.dynamic_slice_in_dim(lhs, start, window)
-    res = jnp.dot(block, rhs[e], preferred_element_type=jnp.float32).astype(out.dtype)
-    keep = rows < length
-    current = jax.lax.dynamic_slice_in_dim(out, start, window)
-    out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, res, current), start, 0)
-    w_e = rhs[e]
-
-    def body(t, out, w_e=w_e):
-      tile_rows = jax.lax.dynamic_slice_in_dim(lhs, t * tile, tile)
-      res = jnp.dot(tile_rows, w_e, preferred_element_type=jnp.float32).astype(out.dtype)
-      return jax.lax.dynamic_update_slice_in_dim(out, res, t * tile, 0)
-
-    overflow_start = tile_start[e] + window // tile
-    out = jax.lax.fori_loop(jnp.minimum(overflow_start, tile_end[e]), tile_end[e], body, out)
-  return out
+    zeros = jnp.zeros((lhs.shape[1], g.shape[1]), jnp.float32)
+    grads.append(_cover_group(e, tile_start, tile_end, tile, window, visit, zeros))
+  return jnp.stack(grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _windowed_gmm(lhs, rhs, tile_start, tile_end, tile, window):
-  return _window_loop(lhs, rhs, tile_start, tile_end, tile, window)
+def _grouped_gmm(lhs, rhs, tile_start, tile_end, tile, window):
+  return _products(lhs, rhs, tile_start, tile_end, tile, window)
 
 
-def _windowed_fwd(lhs, rhs, tile_start, tile_end, tile, window):
-  out = _window_loop(lhs, rhs, tile_start, tile_end, tile, window)
+def _grouped_fwd(lhs, rhs, tile_start, tile_end, tile, window):
+  out = _products(lhs, rhs, tile_start, tile_end, tile, window)
   return out, (lhs, rhs, tile_start, tile_end)
 
 
-def _windowed_bwd(tile, window, residuals, g):
+def _grouped_bwd(tile, window, residuals, g):
   lhs, rhs, tile_start, tile_end = residuals
-  d_lhs = _window_loop(g, jnp.swapaxes(rhs, 1, 2), tile_start, tile_end, tile, window)
-  rows = jnp.arange(window)[:, None]
-  d_rhs = []
-  for e in range(rhs.shape[0]):
-    start = tile_start[e] * tile
-    length = (tile_end[e] - tile_start[e]) * tile
-    block = jax.lax.dynamic_slice_in_dim(lhs, start, window)
-    g_block = jnp.where(rows < length, jax.lax.dynamic_slice_in_dim(g, start, window), 0)
-    acc = jnp.dot(block.T, g_block, preferred_element_type=jnp.float32)
-
-    def body(t, acc):
-      a = jax.lax.dynamic_slice_in_dim(lhs, t * tile, tile)
-      b = jax.lax.dynamic_slice_in_dim(g, t * tile, tile)
-      return acc + jnp.dot(a.T, b, preferred_element_type=jnp.float32)
-
-    overflow_start = tile_start[e] + window // tile
-    acc = jax.lax.fori_loop(jnp.minimum(overflow_start, tile_end[e]), tile_end[e], body, acc)
-    d_rhs.append(acc)
+  d_lhs = _products(g, jnp.swapaxes(rhs, 1, 2), tile_start, tile_end, tile, window)
+  d_rhs = _weight_grads(lhs, g, tile_start, tile_end, tile, window).astype(rhs.dtype)
   zero_index = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)
-  return (d_lhs, jnp.stack(d_rhs).astype(rhs.dtype), zero_index(tile_start),
-          zero_index(tile_end))
+  return d_lhs, d_rhs, zero_index(tile_start), zero_index(tile_end)
 
 
-_windowed_gmm.defvjp(_windowed_fwd, _windowed_bwd)
+_grouped_gmm.defvjp(_grouped_fwd, _grouped_bwd)
