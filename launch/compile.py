@@ -23,8 +23,15 @@ model_flops_per_step, estimated_step_s, estimated_mfu, collective_bytes
 {kind: bytes}, compile_s (and libtpu_topology, tokens_per_step,
 estimated_tokens_per_s_per_chip, grad_cache_chunk, remat). --real_token_share=S adds
 MFU on real tokens for texts that fill S of their width (`aot.real_token_mfu`):
-real_token_share, real_model_flops_per_step, estimated_real_mfu. The compiled step is
-the padded one (input.packing is refused here).
+real_token_share, real_model_flops_per_step, estimated_real_mfu,
+estimated_real_tokens_per_s_per_chip. With --config.input.packing=true the packed step
+is compiled: its rows per packing unit are --pack_rows (what the trainer logs at
+start-up for its data) or, without it, sized for texts that each fill
+--real_token_share of their widths, or without that for texts at their full widths
+(the most rows the trainer can size: an upper bound on memory); its model FLOPs and tokens are those of the real
+tokens, and packed_rows gives its rows per step. estimated_step_s is XLA's TPU cost
+model (xla_optimal_seconds, which counts each while-loop body once) times
+loop_flop_ratio (dot FLOPs per step over those with each loop body once).
 
 Exit codes: 0 the step fits; 1 it does not (one line on stderr: the per-chip
 shortfall and the fields that change it), or a bad config or topology. With
@@ -60,7 +67,11 @@ _FIT = flags.DEFINE_bool(
     "does and print it as --config. overrides.")
 _REAL_SHARE = flags.DEFINE_float(
     "real_token_share", 0.0, "Also report MFU on real tokens for this share of real tokens "
-    "per padded text (0.38: the embedded corpus at 128/128, benchmarks/packing.py); 0 = not.")
+    "per padded text (0.38: the embedded corpus at 128/128, benchmarks/packing.py), and with "
+    "input.packing the length mix its rows are sized for; 0 = not.")
+_PACK_ROWS = flags.DEFINE_integer(
+    "pack_rows", 0, "With input.packing: rows per packing unit, as the trainer logs them for "
+    "its data; 0 = sized for --real_token_share (or, without it, for texts at full width).")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 1024 ** 3
@@ -91,7 +102,11 @@ def _print_report(result: dict) -> None:
     real = result["estimated_real_mfu"]
     print(f"  real tokens {result['real_token_share']:.0%} of each text's width: "
           f"{result['real_model_flops_per_step']:.4g} model FLOPs of real tokens per step"
-          + (f", MFU on real tokens {real:.1%}" if real else ""))
+          + (f", MFU on real tokens {real:.1%}, "
+             f"{result['estimated_real_tokens_per_s_per_chip']:,.0f} real tokens/s/chip"
+             if real else ""))
+  if result.get("packed_rows"):
+    print(f"  packed: {result['packed_rows']} rows per step")
   moved = ", ".join(f"{k} {v / 1e9:.3g} GB" for k, v in result["collective_bytes"].items())
   print(f"  collectives per step per chip: {moved}")
 
@@ -107,7 +122,8 @@ def main(argv):
   try:
     topology = aot.parse_topology(_TOPOLOGY.value)
     devices = aot.topology_devices(topology)
-    result, _ = aot.compile_step(config, topology, devices)
+    result, _ = aot.compile_step(config, topology, devices, _PACK_ROWS.value,
+                                 _REAL_SHARE.value or None)
   except aot.TopologyError as e:
     print(f"Topology error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(1)
@@ -129,7 +145,8 @@ def main(argv):
     print("Searching for the cheapest change that fits:", flush=True)
     try:
       found = aot.fit(config, topology, result, devices,
-                      log=lambda line: print(line, flush=True))
+                      log=lambda line: print(line, flush=True),
+                      real_token_share=_REAL_SHARE.value or None)
     except aot.CompileError as e:
       print(f"Error: {cli.one_line(e)}", file=sys.stderr)
       sys.exit(1)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import finetune, pretrain
+from moe_embed.data import packing
 from moe_embed.model import param_count
 from moe_embed.model.config import EncoderConfig
 
@@ -97,6 +98,25 @@ def test_loop_flop_ratio_counts_each_iteration_of_a_loop():
   matmul = 2 * 64 * 32 * 32
   assert (per_step["flops"], once["flops"]) == (5 * matmul, 2 * matmul)
   assert aot.loop_flop_ratio(hlo) == 2.5
+
+
+def test_packed_step_compiles_with_rows_sized_for_a_length_mix(v5p8):
+  """input.packing: rows per unit from the share (or --pack_rows), FLOPs of real tokens."""
+  config = _tiny(expert=1, layers=1)
+  config.input.packing = True
+  # Without a length mix: rows for every text at its full width (an upper bound).
+  full = aot.build_step(config, v5p8[1]).batch["packed_ids"].shape[0] // 4
+  assert full == int(np.ceil((4 + 44) * packing.ROW_HEADROOM))
+  rows = aot.pack_rows_for_share(config, 4, 0.5)
+  # 16 queries over 4 devices: 4 per unit with 4 x 11 documents, 8 tokens each in rows of 16.
+  assert rows == int(np.ceil(np.ceil((4 + 44) / 2) * packing.ROW_HEADROOM))
+  result, compiled = aot.compile_step(config, *v5p8, real_token_share=0.5)
+  assert result["packed_rows"] == 4 * rows and result["fits"]
+  assert result["estimated_step_s"] > 0
+  assert result["model_flops_per_step"] == aot._model_flops(
+      config, EncoderConfig.from_dict(dict(config.encoder)), 0.5)
+  assert result["tokens_per_step"] == 16 * (16 + 11 * 16) // 2
+  assert f"s32[{rows},16]" in compiled.as_text()  # One device's rows.
 
 
 def test_padded_exchange_lowers_no_ragged_all_to_all(v5p8):

@@ -397,14 +397,34 @@ def make_train_iterator(data_dir: str, **kwargs) -> TrainIterator:
   return TrainIterator(data_dir, **kwargs)
 
 
-def batch_shapes(inputs: InputConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def pack_units(batch_size: int, grad_cache_chunk: int, batch_shards: int) -> int:
+  """Packing units per global batch: one per device share of each GradCache chunk."""
+  return batch_shards * (batch_size // grad_cache_chunk if grad_cache_chunk else 1)
+
+
+def batch_shapes(inputs: InputConfig, batch_size: int, units: int = 0, rows: int = 0
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Key -> (shape, dtype) of the batches `TrainIterator` yields for `inputs`, `batch_size` rows.
 
   What an ahead-of-time compile of the train step takes in place of data. With
   num_negatives > 0 the negatives are included (data without them trains with
   in-batch negatives only when negatives_required is False: a smaller step).
+  With input.packing, the packed batch of `units` packing units of `rows` rows
+  each (`pack_units`; rows as `TrainIterator` logs them at start-up).
   """
   lq, ld, n = inputs.max_query_len, inputs.max_doc_len, inputs.num_negatives
+  if inputs.packing:
+    if units <= 0 or rows <= 0 or batch_size % units:
+      raise ValueError(f"A packed batch needs packing units dividing batch_size={batch_size} "
+                       f"and rows per unit (got units={units}, rows={rows}).")
+    length = inputs.pack_length or max(lq, ld)
+    i32 = np.dtype(np.int32)
+    return {"packed_ids": ((units * rows, length), i32),
+            "packed_segment_ids": ((units * rows, length), i32),
+            "packed_positions": ((units * rows, length), i32),
+            "query_lengths": ((units, batch_size // units), i32),
+            "doc_lengths": ((units, batch_size // units, 1 + n), i32),
+            "packed_capped": ((units,), i32)}
   out = {"query_ids": ((batch_size, lq), np.dtype(np.int32)),
          "query_mask": ((batch_size, lq), np.dtype(bool)),
          "doc_ids": ((batch_size, ld), np.dtype(np.int32)),

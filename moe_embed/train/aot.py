@@ -194,28 +194,54 @@ def _encoder_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   return loaded.replace(**runtime)
 
 
-def build_step(config: ml_collections.ConfigDict, devices: list[Any]) -> Step:
-  """The train step of `config` on `devices`, with abstract state and batch (ConfigError)."""
+def pack_rows_for_share(config: ml_collections.ConfigDict, batch_shards: int,
+                        real_token_share: float) -> int:
+  """Rows per packing unit for texts that each fill `real_token_share` of their width.
+
+  The trainer sizes its rows from the data's lengths at start-up (and logs them);
+  an ahead-of-time compile has no data, so it packs this uniform length mix the
+  way `packing.size_rows` packs a sample. Texts of equal length pack worse than a
+  real mix (no short text fills a row's tail), so the rows are, if anything, too many.
+  """
+  from moe_embed.data import packing
+  inputs = run_config.input_config(config)
+  units = pipeline.pack_units(config.batch_size, config.grad_cache_chunk, batch_shards)
+  width = inputs.pack_length or max(inputs.max_query_len, inputs.max_doc_len)
+  per_text = [max(1, round(real_token_share * inputs.max_query_len))] + \
+      [max(1, round(real_token_share * inputs.max_doc_len))] * (1 + inputs.num_negatives)
+  lengths = np.tile(np.array(per_text, np.int64), (64, 1))
+  return packing.size_rows([lengths], config.batch_size // units, width)
+
+
+def build_step(config: ml_collections.ConfigDict, devices: list[Any], pack_rows: int = 0,
+               real_token_share: Optional[float] = None) -> Step:
+  """The train step of `config` on `devices`, with abstract state and batch (ConfigError).
+
+  With input.packing, `pack_rows` rows per packing unit (the trainer logs its own),
+  else rows sized for texts that fill `real_token_share` of their widths, else for
+  texts at their full widths: the most rows the trainer can size, so the memory
+  figure is an upper bound.
+  """
   run_config.check_config(config)
   encoder = _encoder_config(config)
   loss_cfg = run_config.loss_config(config, encoder.embedding_dim)
   opt_cfg = run_config.optimizer_config(config)
   inputs = run_config.input_config(config)
-  if inputs.packing:
-    raise run_config.ConfigError(
-        "input.packing sizes its packed rows from the data's lengths, which an ahead-of-time "
-        "compile does not read; compile the padded step instead "
-        "(--config.input.packing=false).")
   mesh, rules = run_config.mesh_and_rules(config, devices)
-  run_config.check_batch(config, partitioning.batch_shards(mesh, rules))
+  shards = partitioning.batch_shards(mesh, rules)
+  run_config.check_batch(config, shards)
+  if inputs.packing and pack_rows <= 0:
+    pack_rows = pack_rows_for_share(config, shards, real_token_share or 1.0)
   model = EmbeddingModel(encoder)
   optimizer, schedule = optimizer_lib.make_optimizer(opt_cfg, config.total_steps)
   state, shardings = state_lib.abstract_state(model, optimizer, mesh, rules, config.seed,
                                               loss_cfg.temperature)
   jitted, batch_sharding = step_lib.jit_train_step(
       model, optimizer, loss_cfg, schedule, config.grad_cache_chunk, mesh, rules, shardings)
+  units = pipeline.pack_units(config.batch_size, config.grad_cache_chunk, shards)
+  shapes = pipeline.batch_shapes(inputs, config.batch_size, units, pack_rows)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, (shape, dtype) in pipeline.batch_shapes(inputs, config.batch_size).items()}
+           for k, (shape, dtype) in shapes.items()}
   return Step(encoder, mesh, rules, jitted, state, batch)
 
 
@@ -240,15 +266,25 @@ def mfu(model_flops: float, step_s: float, chips: int, peak_flops_per_chip: floa
   return model_flops / (step_s * chips * peak_flops_per_chip)
 
 
-def _model_flops(config: ml_collections.ConfigDict, encoder: EncoderConfig) -> float:
-  return param_count.train_step_flops(encoder, config.batch_size, config.input.max_query_len,
-                                      config.input.max_doc_len, config.input.num_negatives)
+def _model_flops(config: ml_collections.ConfigDict, encoder: EncoderConfig,
+                 real_token_share: Optional[float] = None) -> float:
+  """Model FLOPs per step: of the padded texts, or (a packed step) of their real tokens
+  for texts that fill `real_token_share` of their widths."""
+  if real_token_share is None:
+    return param_count.train_step_flops(encoder, config.batch_size, config.input.max_query_len,
+                                        config.input.max_doc_len, config.input.num_negatives)
+  b, n = config.batch_size, config.input.num_negatives
+  return float(param_count.real_train_step_flops(
+      encoder, np.full(b, real_token_share * config.input.max_query_len, np.float32),
+      np.full((b, 1 + n), real_token_share * config.input.max_doc_len, np.float32)))
 
 
-def _tokens(config: ml_collections.ConfigDict) -> int:
-  """Token slots per step: queries, positives and hard negatives at their padded lengths."""
-  return config.batch_size * (config.input.max_query_len
-                              + (1 + config.input.num_negatives) * config.input.max_doc_len)
+def _tokens(config: ml_collections.ConfigDict, real_token_share: Optional[float] = None) -> int:
+  """Token slots per step: queries, positives and hard negatives at their padded lengths
+  (times `real_token_share`: the real tokens a packed step computes)."""
+  slots = config.batch_size * (config.input.max_query_len
+                               + (1 + config.input.num_negatives) * config.input.max_doc_len)
+  return slots if real_token_share is None else round(slots * real_token_share)
 
 
 def real_token_mfu(config: ml_collections.ConfigDict, result: dict[str, Any],
@@ -264,26 +300,26 @@ def real_token_mfu(config: ml_collections.ConfigDict, result: dict[str, Any],
   if not 0 < real_token_share <= 1:
     raise run_config.ConfigError(
         f"real_token_share={real_token_share} must be in (0, 1].")
-  encoder = _encoder_config(config)
-  b, n = config.batch_size, config.input.num_negatives
-  lq = real_token_share * config.input.max_query_len
-  ld = real_token_share * config.input.max_doc_len
-  flops = float(param_count.real_train_step_flops(
-      encoder, np.full(b, lq, np.float32), np.full((b, 1 + n), ld, np.float32)))
+  flops = _model_flops(config, _encoder_config(config), real_token_share)
   topology = parse_topology(result["topology"])
   step_s = result["estimated_step_s"]
   return {"real_token_share": real_token_share, "real_model_flops_per_step": flops,
           "estimated_real_mfu": step_s and mfu(flops, step_s, topology.chips,
-                                               topology.chip.peak_bf16_flops)}
+                                               topology.chip.peak_bf16_flops),
+          "estimated_real_tokens_per_s_per_chip":
+              step_s and _tokens(config, real_token_share) / step_s / topology.chips}
 
 
 def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, compiled,
-           compile_s: float, lowered_hlo: str = "") -> dict[str, Any]:
+           compile_s: float, lowered_hlo: str = "",
+           real_token_share: Optional[float] = None) -> dict[str, Any]:
   """The JSON report of a compiled step (see launch/compile.py for the keys).
 
   The step time is XLA's TPU cost model (`optimal_seconds`), which counts each
   while-loop body once, times `loop_flop_ratio` of the lowered program, so each
-  GradCache chunk counts: a compiler estimate, not a measurement.
+  GradCache chunk counts: a compiler estimate, not a measurement. A packed step's
+  model FLOPs and tokens are those of its real tokens, for texts that fill
+  `real_token_share` of their widths.
   """
   stats = compiled.memory_analysis()
   params = per_chip_bytes(step.state)
@@ -295,7 +331,9 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
   xla_s = float(cost.get("optimal_seconds", 0.0))
   ratio = loop_flop_ratio(lowered_hlo) if lowered_hlo else 1.0
   step_s = xla_s * ratio if xla_s > 0 else None
-  flops, tokens = _model_flops(config, step.encoder), _tokens(config)
+  packed = "packed_ids" in step.batch
+  share = real_token_share if packed else None
+  flops, tokens = _model_flops(config, step.encoder, share), _tokens(config, share)
   hbm = topology.chip.hbm_bytes
   return {
       "topology": topology.name,
@@ -320,6 +358,7 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
       "compile_s": compile_s,
       "grad_cache_chunk": int(config.grad_cache_chunk),
       "remat": bool(config.encoder.remat),
+      "packed_rows": int(step.batch["packed_ids"].shape[0]) if packed else 0,
   }
 
 
@@ -359,23 +398,25 @@ def _oom_report(config, topology: Topology, step: Step, message: str, compile_s:
 
 
 def lower_step(config: ml_collections.ConfigDict, topology: Topology,
-               devices: Optional[list[Any]] = None):
+               devices: Optional[list[Any]] = None, pack_rows: int = 0,
+               real_token_share: Optional[float] = None):
   """(Step, jax Lowered) for `config` on `topology`: the traced program, before XLA."""
   devices = topology_devices(topology) if devices is None else devices
-  step = build_step(config, devices)
+  step = build_step(config, devices, pack_rows, real_token_share)
   with partitioning.activate(step.mesh, step.rules):
     return step, step.jitted.lower(step.state, step.batch)
 
 
 def compile_step(config: ml_collections.ConfigDict, topology: Topology,
-                 devices: Optional[list[Any]] = None):
+                 devices: Optional[list[Any]] = None, pack_rows: int = 0,
+                 real_token_share: Optional[float] = None):
   """(report dict, compiled or None) for `config` on `topology`; ConfigError on a bad config.
 
   A step XLA refuses for lack of HBM comes back with fits=False, its memory from
   the compiler's message, and no compiled program.
   """
   start = time.perf_counter()
-  step, lowered = lower_step(config, topology, devices)
+  step, lowered = lower_step(config, topology, devices, pack_rows, real_token_share)
   with partitioning.activate(step.mesh, step.rules):
     try:
       compiled = lowered.compile()
@@ -386,7 +427,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: Topology,
           f"XLA cannot compile the train step for {topology.name}: "
           f"{' '.join(str(e).split())[:600]}") from None
   return report(config, topology, step, compiled, time.perf_counter() - start,
-                lowered.compiler_ir("hlo").as_hlo_text()), compiled
+                lowered.compiler_ir("hlo").as_hlo_text(), real_token_share), compiled
 
 
 def shortfall_line(config: ml_collections.ConfigDict, result: dict[str, Any]) -> str:
@@ -579,7 +620,7 @@ def overrides(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict
 
 
 def fit(config: ml_collections.ConfigDict, topology: Topology, first: dict[str, Any],
-        devices: list[Any], log=print):
+        devices: list[Any], log=print, real_token_share: Optional[float] = None):
   """The cheapest (config, report) that fits, or None; `first` is the report of `config`.
 
   Cost order: remat alone (one more forward, the whole batch at once), then
@@ -596,7 +637,8 @@ def fit(config: ml_collections.ConfigDict, topology: Topology, first: dict[str, 
 
   def attempt(chunk: int, remat: bool) -> dict[str, Any]:
     if (chunk, remat) not in tried:
-      result, _ = compile_step(_with(config, chunk, remat), topology, devices)
+      result, _ = compile_step(_with(config, chunk, remat), topology, devices,
+                               real_token_share=real_token_share)
       mem = result["memory_bytes_per_chip"]["total"]
       log(f"  --config.grad_cache_chunk={chunk} --config.encoder.remat={str(remat).lower()}: "
           f"{mem / GiB:.1f} GiB per chip ({'fits' if result['fits'] else 'does not fit'}; "

@@ -200,8 +200,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       data_dir, inputs=inputs, tokenizer=tokenizer, global_batch_size=config.batch_size,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), state=data_state,
-      pack_units=shards * (config.batch_size // config.grad_cache_chunk
-                           if config.grad_cache_chunk else 1))
+      pack_units=data_lib.pipeline.pack_units(config.batch_size, config.grad_cache_chunk,
+                                              shards))
   jitted, batch_sharding = step_lib.jit_train_step(
       model, optimizer, loss_cfg, schedule, config.grad_cache_chunk, mesh, rules,
       state_shardings)
