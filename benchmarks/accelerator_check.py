@@ -53,7 +53,8 @@ from moe_embed.train import step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
-import step_bench as ts  # noqa: E402  (benchmarks/step_bench.py)
+import step_setup as ts  # noqa: E402  (benchmarks/step_setup.py)
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 _JSON = flags.DEFINE_string("json", None, "Write the results as JSON to this file.")
 _CPU_SMOKE = flags.DEFINE_bool("cpu_smoke", False,
@@ -225,7 +226,7 @@ def check_ragged_exchange(smoke: bool, failures: list) -> dict:
 
 def _build(config, params, b, seq, mesh):
   built = ts.build_step(config, params, ts.make_batch(config, b, seq), 0, mesh=mesh)
-  return built, ts.memory_gb(built[0])
+  return built, timing.memory_gb(built[0])
 
 
 def largest_batch(config, params, seq: int, smoke: bool, mesh):
@@ -269,7 +270,7 @@ def train_step_throughput(smoke: bool) -> list[dict]:
   overrides = dict(vocab_size=1024, num_layers=2) if smoke else {}
   configs = ts.model_configs("tiny" if smoke else "nomic_v2_moe", _DTYPE.value, **overrides)
   peak_sizes = [256] if smoke else [int(s) for s in _PEAK_SIZES.value]
-  peaks = [ts.peak_runner(s, _DTYPE.value) for s in peak_sizes]
+  peaks = [timing.peak_runner(s, _DTYPE.value) for s in peak_sizes]
   mesh = partitioning.make_mesh(-1, 1)
   rows = []
   for name in _MODELS.value:
@@ -279,17 +280,17 @@ def train_step_throughput(smoke: bool) -> list[dict]:
     batch = ts.make_batch(config, b, seq)
     del params
     run = ts.Runner(compiled, state, data)
+    run()  # Two warm-up steps: the first compiles nothing but allocates.
     run()
-    run()
-    times = [run() for _ in range(_REPEATS.value)]
-    peak = ts.measure_peak(peaks, calls=5) * jax.device_count()
+    times = [timing.timed(run)[0] for _ in range(_REPEATS.value)]
+    peak = timing.measure_peak(peaks, calls=5) * jax.device_count()
     ms = float(np.median(times)) * 1e3
     flops = ts.step_model_flops(config, b, seq)
     row = {"model": name, "batch": b, "seq": seq, "grad_cache": False, "step_ms": round(ms, 2),
            "tokens_per_s": round(ts.step_tokens(batch) / (ms / 1e3), 1),
            "mfu": round(flops / (ms / 1e3) / (peak * 1e9), 4), "peak_gflops": round(peak, 1),
            "dtype": _DTYPE.value, "devices": jax.device_count(), "batch_choice": why,
-           "compile_s": round(compile_s, 1), "memory_gb": round(ts.memory_gb(compiled), 2),
+           "compile_s": round(compile_s, 1), "memory_gb": round(timing.memory_gb(compiled), 2),
            "step_ms_runs": [round(t * 1e3, 2) for t in times]}
     rows.append(row)
     print(f"[3] {name}: batch {b} ({why}) x {seq} tokens, {_DTYPE.value}: {ms:.1f} ms/step, "

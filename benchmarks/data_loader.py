@@ -15,15 +15,16 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from moe_embed import data  # noqa: E402
 from moe_embed.tokenizers import load_tokenizer  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _LENGTH = flags.DEFINE_integer("length", 128, "Query and document length.")
@@ -36,19 +37,15 @@ def main(argv):
   data_dir = data.ensure_default_data()
   tokenizer = load_tokenizer(data.dataset_tokenizer_path(data_dir))
   # Where a batch's time goes: random reads through tfds.data_source vs tokenising.
-  inputs = data.InputConfig(max_query_len=_LENGTH.value, max_doc_len=_LENGTH.value,
-                            query_prefix="search_query: ", doc_prefix="search_document: ")
+  inputs = data.InputConfig(max_query_len=_LENGTH.value, max_doc_len=_LENGTH.value)
   it = data.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
                                 global_batch_size=_BATCH.value, seed=0, prefetch=0)
   read_s = tok_s = 0.0
   state = it.get_state()
   for _ in range(_BATCHES.value):
-    start = time.perf_counter()
-    source, records = it.records_at(state)
-    read_s += time.perf_counter() - start
-    start = time.perf_counter()
-    it.tokenize(records, source)
-    tok_s += time.perf_counter() - start
+    seconds, (source, records) = timing.timed(lambda: it.records_at(state))
+    read_s += seconds
+    tok_s += timing.timed(lambda: it.tokenize(records, source))[0]
     state["cursors"][source] += _BATCH.value
     state["step"] += 1
   print(f"per batch: read {1e3 * read_s / _BATCHES.value:.1f} ms, "
@@ -57,10 +54,8 @@ def main(argv):
     it = data.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
                                   global_batch_size=_BATCH.value, seed=0, prefetch=prefetch)
     next(it)
-    start = time.perf_counter()
-    for _ in range(_BATCHES.value):
-      next(it)
-    rate = _BATCHES.value / (time.perf_counter() - start)
+    seconds, _ = timing.timed(lambda: [next(it) for _ in range(_BATCHES.value)])
+    rate = _BATCHES.value / seconds
     it.close()
     print(f"loader (prefetch={prefetch}): {rate:.1f} batches/s of {_BATCH.value} pairs "
           f"at length {_LENGTH.value} ({rate * _BATCH.value:.0f} pairs/s)")
@@ -72,7 +67,6 @@ def main(argv):
     config.log_every_steps = _STEPS.value
     config.eval.enabled = False
     with tempfile.TemporaryDirectory() as workdir:
-      start = time.perf_counter()
       result = trainer.train_and_evaluate(config, workdir)
     steps_per_s = result["metrics"]["steps_per_s"]
     print(f"tiny train step (batch {config.batch_size}): {steps_per_s:.1f} steps/s "

@@ -24,7 +24,6 @@ import inspect
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 _NUM_TEXTS = flags.DEFINE_integer("num_texts", 256, "Texts per pass at --batch_size.")
 _NUM_TEXTS_B1 = flags.DEFINE_integer("num_texts_batch1", 64,
@@ -74,21 +74,6 @@ def stdlib_texts(n: int) -> list[str]:
     raise ValueError(f"Only {len(out)} distinct docstring texts found; lower --num_texts={n}.")
   rng = np.random.default_rng(0)
   return [out[i] for i in rng.choice(len(out), n, replace=False)]
-
-
-def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
-  """(first-pass seconds, timed-pass seconds, last result), each keyed by encoder."""
-  first, times, results = {}, {name: [] for name in fns}, {}
-  for name, fn in fns.items():
-    start = time.perf_counter()
-    results[name] = fn()
-    first[name] = time.perf_counter() - start
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      results[name] = fn()
-      times[name].append(time.perf_counter() - start)
-  return first, times, results
 
 
 def matmul_flops_per_token(config) -> int:
@@ -162,7 +147,7 @@ def main(argv):
     if not n:  # --num_texts_batch1=0 or --num_texts=0 skips that batch size.
       continue
     sample = texts[:n]
-    first, times, emb = _interleaved(
+    first, times, emb = timing.interleaved(
         {name: (lambda fn=fn: fn(sample, batch)) for name, fn in encoders.items()},
         _REPEATS.value)
     key = str(batch)

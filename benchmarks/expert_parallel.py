@@ -23,7 +23,7 @@ the design estimate printed at the end.
 
 import os
 import re
-import time
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -37,6 +37,9 @@ import numpy as np  # noqa: E402
 from moe_embed import partitioning  # noqa: E402
 from moe_embed.model import config as model_config  # noqa: E402
 from moe_embed.model.encoder import EmbeddingModel, init_params  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step (global).")
 _SEQ = flags.DEFINE_integer("seq", 64, "Tokens per sequence.")
@@ -133,12 +136,8 @@ def main(argv):
       bs = partitioning.batch_sharding(mesh, rules)
       args = (p, jax.device_put(ids, bs), jax.device_put(mask, bs))
       compiled = grad.lower(*args).compile()
-      jax.block_until_ready(compiled(*args))
-      times = []
-      for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+      _, times, _ = timing.interleaved({"step": lambda: compiled(*args)}, _REPEATS.value)
+      times = times["step"]
       sizes = all_to_all_bytes(compiled.as_text())
     local_tokens = _BATCH.value * _SEQ.value // jax.device_count()
     per_layer = len(sizes) / max(len(config.moe_layers), 1)

@@ -32,7 +32,8 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
-import step_bench as ts  # noqa: E402  (benchmarks/step_bench.py)
+import step_setup as ts  # noqa: E402  (benchmarks/step_setup.py)
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
 _PRESET = flags.DEFINE_string("preset", "minilm", "Model preset that gives the width.")
@@ -68,7 +69,7 @@ def main(argv):
       compiled, state, _, _ = ts.build_step(config, params, batch, chunk)
       stats = compiled.memory_analysis()
       state_gb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e9
-      total = ts.memory_gb(compiled)
+      total = timing.memory_gb(compiled)
       base = base or total
       row = {"model": _MODEL.value, "preset": _PRESET.value, "grad_cache": gc == "on",
              "batch": b, "multiple": mult, "chunk": chunk, "seq": _SEQ.value,

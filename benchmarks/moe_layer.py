@@ -38,7 +38,6 @@ GPU/TPU (`grouped_matmul='auto'`).
 import math
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -53,6 +52,7 @@ from moe_embed.model import moe_mlp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 PATHS = ("dropless", "dropless_tiled", "capacity", "dropless_ragged_dot")
 SEQ = 128
@@ -83,28 +83,11 @@ def _grad_fn(module: nn.Module, x: jax.Array, mask: jax.Array):
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def _compile(fn, *args):
-  """Compiled function and the GB it needs (arguments + outputs + temporaries)."""
-  compiled = fn.lower(*args).compile()
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return compiled, float("nan")
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-  return compiled, total / 1e9
-
-
 def _time(compiled, *args) -> tuple[float, int]:
   """(median milliseconds, number of timed runs) after one warm-up run."""
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  one_run = time.perf_counter() - start
+  one_run, _ = timing.timed(lambda: compiled(*args))
   repeats = max(1, min(_REPEATS.value, math.floor(_BUDGET_S.value / max(one_run, 1e-9))))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
+  times = [timing.timed(lambda: compiled(*args))[0] for _ in range(repeats)]
   return float(np.median(times)) * 1e3, repeats
 
 
@@ -123,7 +106,8 @@ def _measure(module: nn.Module, x: jax.Array, mask: jax.Array, label: str):
   """(ms, timed runs, GB), or None after printing why the configuration is skipped."""
   init_args = (x, mask) if isinstance(module, moe_mlp.MoeMlp) else (x,)
   params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), *init_args))
-  compiled, gb = _compile(_grad_fn(module, x, mask), params, x)
+  compiled = _grad_fn(module, x, mask).lower(params, x).compile()
+  gb = timing.memory_gb(compiled)
   if gb > _MAX_GB.value:
     print(f"  skipped {label}: the compiled step needs {gb:.1f} GB > --max_gb="
           f"{_MAX_GB.value:g}", flush=True)

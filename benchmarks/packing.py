@@ -3,7 +3,7 @@
   python benchmarks/packing.py --json=/tmp/packing.json [--batch=32] [--repeats=3] \
     [--models=tiny,tiny_moe,minilm,minilm_moe] [--widths=128/128,32/96]
 
-What it measures: the jitted train step (`step_bench.build_step`, as the trainer
+What it measures: the jitted train step (`step_setup.build_step`, as the trainer
 runs it) on the embedded stdlib corpus, tokenised by its own tokenizer with the
 default prompts, for each model and each pair of query / document widths, once
 with the texts padded to the widths and once packed (`input.packing`, rows of
@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
-from step_bench import Runner, build_step, measure_peak, model_configs, model_params, \
-    peak_runner  # noqa: E402
+from step_setup import Runner, build_step, model_configs, model_params  # noqa: E402
+from timing import interleaved, measure_peak, peak_runner  # noqa: E402
 
 from moe_embed import data as data_lib  # noqa: E402
 from moe_embed.model import param_count  # noqa: E402
@@ -71,8 +71,7 @@ def _iterators(data_dir: str, tokenizer, widths: str, batch: int):
   lq, ld = (int(w) for w in widths.split("/"))
   out = {}
   for mode in ("padded", "packed"):
-    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, query_prefix="search_query: ",
-                                  doc_prefix="search_document: ", packing=mode == "packed")
+    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, packing=mode == "packed")
     out[mode] = data_lib.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
                                              global_batch_size=batch, seed=0, prefetch=0)
   return out
@@ -129,15 +128,13 @@ def main(argv):
     del params
 
   peaks = [peak_runner(int(n), "float32") for n in _PEAK_SIZES.value]
-  for key, run in runs.items():  # Warm-up: first calls allocate.
-    run()
-  times = {key: [] for key in runs}
   peak_values = []
-  for r in range(_REPEATS.value):
+
+  def after_round(r, times):
     peak_values.append(measure_peak(peaks))
-    for key, run in runs.items():
-      times[key].append(run())
     print(f"  round {r + 1}: peak {peak_values[-1]:.0f} GFLOP/s", flush=True)
+
+  _, times, _ = interleaved(runs, _REPEATS.value, after_round)
   peak = float(np.median(peak_values)) * 1e9
 
   header = (f"{'model':>10s} {'widths':>7s} {'mode':>6s} {'step_ms':>8s} {'real tok/s':>10s} "

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -58,7 +57,8 @@ from moe_embed.train import step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
-import step_bench as ts  # noqa: E402  (benchmarks/step_bench.py)
+import step_setup as ts  # noqa: E402  (benchmarks/step_setup.py)
+from timing import interleaved  # noqa: E402
 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
 _PRESET = flags.DEFINE_string("preset", "minilm", "Model preset that gives the width.")
@@ -201,19 +201,7 @@ def main(argv):
   step = ts.Runner(compiled, state, data)
   parts = build_parts(config, b, seq)
 
-  def timed(fn):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-  timed(step)
-  for fn in parts.values():
-    timed(fn)
-  times = {name: [] for name in ["step", *parts]}
-  for _ in range(_REPEATS.value):
-    times["step"].append(step())
-    for name, fn in parts.items():
-      times[name].append(timed(fn))
+  _, times, _ = interleaved({"step": step, **parts}, _REPEATS.value)
   ms = {name: float(np.median(v)) * 1e3 for name, v in times.items()}
   n_moe = len(config.moe_layers)
   n_dense = config.num_layers - n_moe

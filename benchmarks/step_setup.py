@@ -1,18 +1,17 @@
-"""Shared by the train-step benchmarks: the MoE and its dense counterparts, batches, FLOPs,
-the compiled step as the trainer builds it, and the measured matmul peak.
+"""What the train-step benchmarks build: the MoE and its dense counterparts, their
+parameters, random batches, model FLOPs, and the compiled step as the trainer builds it.
 
-Used by benchmarks/train_step.py, memory.py, profile_step.py and accelerator_check.py
-(each puts this folder on sys.path).
+Used by benchmarks/train_step.py, memory.py, profile_step.py, packing.py and
+accelerator_check.py (each puts this folder on sys.path); they measure with
+benchmarks/timing.py.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe_embed import partitioning
@@ -24,8 +23,9 @@ from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import state as state_lib
 from moe_embed.train import step as step_lib
 
-MODELS = ("moe", "dense_active", "dense_total")
+import timing  # benchmarks/timing.py
 
+MODELS = ("moe", "dense_active", "dense_total")
 
 
 def model_configs(preset: str, dtype: str = "float32", num_experts: int = 8, top_k: int = 2,
@@ -107,53 +107,17 @@ def build_step(config: model_config.EncoderConfig, params, batch: dict, chunk: i
         model, optimizer, step_lib.LossConfig(), schedule, chunk, mesh, rules,
         state_shardings)
     data = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-    start = time.perf_counter()
-    compiled = jitted.lower(state, data).compile()
-    compile_s = time.perf_counter() - start
+    compile_s, compiled = timing.timed(lambda: jitted.lower(state, data).compile())
   return compiled, state, data, compile_s
 
 
-def memory_gb(compiled) -> float:
-  """Arguments + outputs + temporaries - aliased (donated) bytes, from XLA's analysis."""
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return float("nan")
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-  return total / 1e9
-
-
 class Runner:
-  """A compiled step that threads its donated state from call to call."""
+  """A compiled step that threads its donated state from call to call (time it with
+  `timing.timed`)."""
 
   def __init__(self, compiled, state, data):
     self.compiled, self.state, self.data = compiled, state, data
 
-  def __call__(self) -> float:
-    start = time.perf_counter()
+  def __call__(self):
     self.state, metrics = self.compiled(self.state, self.data)
-    jax.block_until_ready((self.state, metrics))
-    return time.perf_counter() - start
-
-
-def peak_runner(n: int, dtype: str):
-  """A callable timing one [n, n] @ [n, n] matmul; returns (seconds, flops)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-  fn = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
-  jax.block_until_ready(fn(a, b))
-
-  def run() -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(a, b))
-    return time.perf_counter() - start
-
-  return run, 2.0 * n ** 3
-
-
-def measure_peak(runners, calls: int = 3) -> float:
-  """Best GFLOP/s over the sizes, each the best of `calls` calls (a peak, not a median)."""
-  best = 0.0
-  for run, flops in runners:
-    best = max(best, flops / min(run() for _ in range(calls)) / 1e9)
-  return best
+    return self.state, metrics

@@ -46,9 +46,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (benchmarks/report.py)
-from step_bench import (MODELS, Runner, build_step, make_batch, measure_peak,  # noqa: E402
-                        memory_gb, model_configs, model_params, param_counts, peak_runner,
-                        step_model_flops, step_tokens)
+from step_setup import (MODELS, Runner, build_step, make_batch, model_configs,  # noqa: E402
+                        model_params, param_counts, step_model_flops, step_tokens)
+from timing import interleaved, measure_peak, memory_gb, peak_runner  # noqa: E402
 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as a JSON list to this file.")
 _PRESET = flags.DEFINE_string("preset", "minilm", "Model preset that gives the width.")
@@ -65,8 +65,6 @@ _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024", "2048"],
                                 "Square matmul sizes for the peak; the best counts.")
 _VOCAB = flags.DEFINE_integer("vocab", 0, "Vocabulary size; 0 keeps the preset's.")
 _LAYERS = flags.DEFINE_integer("layers", 0, "Encoder layers; 0 keeps the preset's.")
-
-
 
 
 def main(argv):
@@ -108,16 +106,16 @@ def main(argv):
     del params
 
   peaks = [peak_runner(int(n), _DTYPE.value) for n in _PEAK_SIZES.value]
-  for key, run in runs.items():  # Warm-up: first calls allocate.
-    print(f"  warm-up {key[0]}/{key[1]}: {run() * 1e3:.0f} ms", flush=True)
-  times = {key: [] for key in runs}
   peak_values = []
-  for r in range(_REPEATS.value):
+
+  def after_round(r, times):
     peak_values.append(measure_peak(peaks))
-    for key, run in runs.items():
-      times[key].append(run())
     print(f"  round {r + 1}: peak {peak_values[-1]:.0f} GFLOP/s; " + ", ".join(
         f"{name}/{gc} {times[(name, gc)][-1] * 1e3:.0f} ms" for name, gc in runs), flush=True)
+
+  first, times, _ = interleaved(runs, _REPEATS.value, after_round)
+  print("  warm-up calls (before round 1): " + ", ".join(
+      f"{name}/{gc} {s * 1e3:.0f} ms" for (name, gc), s in first.items()), flush=True)
   peak = float(np.median(peak_values))
   print(f"matmul peak: {peak:.1f} GFLOP/s ({_DTYPE.value}, median of rounds: "
         f"{', '.join(f'{p:.0f}' for p in peak_values)})")
