@@ -2,13 +2,26 @@
 
 Config files call `base_config(arg)`: `arg` is the one string after the colon in
 `--config=configs/finetune.py:ARG`, e.g. `tiny` or `model=nomic_v2_moe,steps=2000`.
+
+Each default is written once. The run's own fields are set and commented here; the
+sections the trainer turns into dataclasses (encoder, input, optimizer, loss) take
+their fields, defaults and comments from those dataclasses (`section`), and this
+file states only where a run differs from them. The stage configs state only where
+they differ from this file.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import typing
+
 import ml_collections
 
+from moe_embed.data.pipeline import InputConfig
 from moe_embed.model import config as model_config
+from moe_embed.train.optimizer import OptimizerConfig
+from moe_embed.train.step import LossConfig
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -42,6 +55,29 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
+def section(cls) -> ml_collections.ConfigDict:
+  """The fields of dataclass `cls` at their defaults, as a config section.
+
+  A field whose default is None and whose type is an optional mapping becomes a
+  dict placeholder, so that a config file can set a dict there.
+  """
+  hints = typing.get_type_hints(cls)
+  out = ml_collections.ConfigDict()
+  for field in dataclasses.fields(cls):
+    if field.default is dataclasses.MISSING:
+      raise TypeError(f"{cls.__name__}.{field.name} has no default to take.")
+    if field.default is None:
+      kinds = [typing.get_origin(t) or t for t in typing.get_args(hints[field.name])]
+      if not any(isinstance(k, type) and issubclass(k, collections.abc.Mapping)
+                 for k in kinds):
+        raise TypeError(f"{cls.__name__}.{field.name}: a None default must be an "
+                        "optional mapping.")
+      out[field.name] = ml_collections.config_dict.placeholder(dict)
+    else:
+      out[field.name] = field.default
+  return out
+
+
 def encoder_fields(model: str) -> ml_collections.ConfigDict:
   """Architecture fields of a preset; only the runtime ones for a model folder."""
   if model in model_config.PRESETS:
@@ -69,64 +105,27 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # (built and cached on first use).
   c.data = ""
 
-  c.input = ml_collections.ConfigDict()
-  # Query / document tokens, including special tokens: the width of every batch.
-  c.input.max_query_len = 128
-  c.input.max_doc_len = 128
-  c.input.num_negatives = 0  # Hard negatives per query (from the dataset).
-  # Prepended to every query / document of a source that sets no prefix of its own.
-  c.input.query_prefix = "search_query: "
-  c.input.doc_prefix = "search_document: "
-  # Per-source prompts and lengths: source name -> any of query_prefix, doc_prefix,
-  # max_query_len, max_doc_len, e.g. {"reviews": {"query_prefix": "classification: ",
-  # "doc_prefix": "classification: "}}. Wins over the dataset's own per-source values
-  # (prepare_data.py --source_prefixes), which win over the global fields above.
-  # Lengths truncate that source's texts and may not exceed the global ones (batches
-  # are padded to the global width, so shapes never change). None = none. Set it in a
-  # config file: like source_weights, a dict cannot be given on the command line.
-  c.input.source_prefixes = ml_collections.config_dict.placeholder(dict)
-  # Source name -> sampling weight; None = proportional to source size.
-  c.input.source_weights = ml_collections.config_dict.placeholder(dict)
-  # False: data without any hard negatives trains with in-batch negatives only
-  # (with a logged note) instead of failing.
-  c.input.negatives_required = True
-  # Pack each step's texts into rows of pack_length tokens (segment ids, positions
-  # per text; attention, pooling and routing per text) instead of padding every text
-  # to its width. Rows per step are sized from the data at start-up.
-  c.input.packing = False
-  c.input.pack_length = 0  # Tokens per packed row; 0 = max(max_query_len, max_doc_len).
+  # What a batch holds: lengths, hard negatives, prompts, source mix, packing
+  # (InputConfig in moe_embed/data/pipeline.py: each field's default and meaning).
+  c.input = section(InputConfig)
 
   c.seed = 0  # Parameter init, data order.
   c.batch_size = 256  # Global batch (queries per step), split over the mesh.
-  c.total_steps = 1000
+  c.total_steps = 1000  # Train steps; the learning-rate schedule spans them.
   c.log_every_steps = 10  # Metrics to metrics.jsonl and TensorBoard.
   # Peak FLOP/s of one device, for mfu (model FLOPs of the real tokens / peak) in
   # metrics.jsonl; 0 = a TPU's bfloat16 peak from its generation, no mfu elsewhere.
   c.peak_flops_per_device = 0.0
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 500  # Save a checkpoint every N steps (and at the end).
   c.keep_checkpoints = 3  # Most recent checkpoints kept.
   # GradCache chunk (queries per chunk); 0 = plain step. Must divide batch_size.
   c.grad_cache_chunk = 0
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 2e-5  # Peak learning rate.
-  c.optimizer.warmup_steps = 400  # Linear warmup from 0.
-  c.optimizer.decay = "linear"  # 'linear', 'cosine' or 'constant' after warmup.
-  c.optimizer.end_lr_fraction = 0.0  # Final lr as a fraction of the peak.
-  c.optimizer.weight_decay = 0.01  # AdamW decay (matrices and tables only).
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.clip_grad_norm = 1.0  # Global-norm clipping; 0 disables.
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.temperature = 0.02  # InfoNCE temperature (initial value if learned).
-  c.loss.learn_temperature = False  # Learn log(temperature).
-  c.loss.symmetric = False  # Add the document -> query term.
-  c.loss.matryoshka_dims = ()  # e.g. (768, 256); () = full embedding only.
-  c.loss.matryoshka_weights = ()  # One per dim; () = equal weights.
-  c.loss.load_balancing_coef = 1.0  # Switch load-balancing loss weight.
-  c.loss.z_loss_coef = 0.0  # Router z-loss weight (1e-3 is common).
+  # AdamW and its schedule (OptimizerConfig in moe_embed/train/optimizer.py).
+  c.optimizer = section(OptimizerConfig)
+  # Contrastive loss, Matryoshka widths, router losses (LossConfig in
+  # moe_embed/train/step.py).
+  c.loss = section(LossConfig)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel size; -1 = all devices not used by 'expert'.
@@ -153,11 +152,9 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
   c.input.max_doc_len = 96
   c.batch_size = 64
   c.total_steps = 300
-  c.log_every_steps = 10
   c.checkpoint_every_steps = 100
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 30
-  c.optimizer.weight_decay = 0.01
   c.loss.temperature = 0.05
   c.eval.batch_size = 256
   c.eval.max_length = 128

@@ -5,15 +5,20 @@
       --config.data=/path/to/triplets --workdir=gs://bucket/ft
 
 Arguments: a preset ('tiny', 'minilm', 'nomic_v2_moe') or `model=PATH`, plus
-`steps=N`. The recipe: batch 256, lr 2e-5, 400 warmup steps, linear decay,
-10 hard negatives per query, sequence length 512, no load-balancing loss.
+`steps=N`. The recipe: batch 256, lr 2e-5, 400 warmup steps, linear decay
+(configs/common.py's defaults), 10 hard negatives per query, sequence length 512,
+no load-balancing loss, 2,000 steps.
 
-Beyond `tiny`, the step runs with GradCache (32 queries per chunk) and remat: with
-nomic_v2_moe it then compiles for a v5p-8 slice (4 chips) at 34.2 GiB per chip of
-its 95 GiB HBM, 5.3 GiB parameters and AdamW moments, 28.9 GiB temporaries; with
-neither it needs 97 GiB without the negatives, and GradCache alone 98.7 GiB
-(`python launch/compile.py --config=configs/finetune.py:nomic_v2_moe --topology=v5p-8`,
-jax 0.10.2, libtpu 0.0.42).
+What it gives (measured):
+- `tiny` reaches held-out nDCG@10 0.2661 (0.0587 untrained) on the embedded
+  corpus in 300 steps, about 75 s of training on a 2-core CPU (README, Start here).
+- Beyond `tiny`, the step runs with GradCache (32 queries per chunk) and remat:
+  with nomic_v2_moe it then compiles for a v5p-8 slice (4 chips) at 34.2 GiB per
+  chip of its 95 GiB HBM, 5.3 GiB parameters and AdamW moments, 28.9 GiB
+  temporaries; with neither it needs 97 GiB without the negatives, and GradCache
+  alone 98.7 GiB (`python launch/compile.py --config=configs/finetune.py:nomic_v2_moe
+  --topology=v5p-8`, jax 0.10.2, libtpu 0.0.42; 12 min to compile on a shared 2-core
+  CPU). Its step time and scores on TPU are not measured yet.
 """
 
 from configs import common
@@ -25,21 +30,15 @@ def get_config(arg=None):
   c.input.max_query_len = 512
   c.input.max_doc_len = 512
   c.input.num_negatives = 10
-  c.batch_size = 256
   c.total_steps = 2000
-  c.optimizer.learning_rate = 2e-5
-  c.optimizer.warmup_steps = 400
-  c.optimizer.decay = "linear"
-  c.loss.temperature = 0.02
   c.loss.load_balancing_coef = 0.0
-  c.grad_cache_chunk = 32  # 32 queries with their 352 documents per chunk.
-  c.encoder.remat = True
   if args.model == "tiny":
     # Hard negatives stay on where the data has them (--config.data); the embedded
     # corpus has none and trains with in-batch negatives (apply_tiny).
     common.apply_tiny(c)
-    c.grad_cache_chunk = 0
-    c.encoder.remat = False
+  else:
+    c.grad_cache_chunk = 32  # 32 queries with their 352 documents per chunk.
+    c.encoder.remat = True
   if args.steps:
     c.total_steps = args.steps
   return c

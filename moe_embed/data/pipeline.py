@@ -76,22 +76,36 @@ class SourceInputs:
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  """What a batch holds: lengths, hard negatives, prefixes, source mix (`config.input`)."""
+  """What a batch holds: lengths, hard negatives, prefixes, source mix (`config.input`).
 
-  max_query_len: int = 128  # Query tokens, including special tokens.
-  max_doc_len: int = 128  # Document tokens, including special tokens.
-  num_negatives: int = 0  # Hard negatives per query.
-  query_prefix: str = ""
-  doc_prefix: str = ""
-  source_weights: Optional[Mapping[str, float]] = None  # None = proportional to size.
+  The defaults here are those of every run config (configs/common.py takes them).
+  """
+
+  # Query / document tokens, including special tokens: the width of every batch.
+  max_query_len: int = 128
+  max_doc_len: int = 128
+  num_negatives: int = 0  # Hard negatives per query (from the dataset).
+  # Prepended to every query / document of a source that sets no prefix of its own.
+  query_prefix: str = "search_query: "
+  doc_prefix: str = "search_document: "
+  # Source name -> sampling weight; None = proportional to source size. Like
+  # source_prefixes, a dict is set in a config file, not on the command line.
+  source_weights: Optional[Mapping[str, float]] = None
   # False: data without any hard negatives trains with in-batch negatives only
-  # (logged) instead of failing.
+  # (with a logged note) instead of failing.
   negatives_required: bool = True
-  # Source name -> any of {query_prefix, doc_prefix, max_query_len, max_doc_len}:
-  # wins over the dataset's per-source values and the global fields above.
+  # Per-source prompts and lengths: source name -> any of query_prefix, doc_prefix,
+  # max_query_len, max_doc_len, e.g. {"reviews": {"query_prefix": "classification: ",
+  # "doc_prefix": "classification: "}}. Wins over the dataset's own per-source values
+  # (prepare_data.py --source_prefixes), which win over the global fields above.
+  # Lengths truncate that source's texts and may not exceed the global ones (batches
+  # are padded to the global width, so shapes never change). None = none.
   source_prefixes: Optional[Mapping[str, Mapping[str, Any]]] = None
-  packing: bool = False  # Pack texts into rows of pack_length tokens (no padding per text).
-  pack_length: int = 0  # Tokens per packed row; 0 = the longer of max_query_len, max_doc_len.
+  # Pack each step's texts into rows of pack_length tokens (segment ids, positions
+  # per text; attention, pooling and routing per text) instead of padding every text
+  # to its width. Rows per step are sized from the data at start-up.
+  packing: bool = False
+  pack_length: int = 0  # Tokens per packed row; 0 = max(max_query_len, max_doc_len).
 
   def __post_init__(self):
     width = max(self.max_query_len, self.max_doc_len)

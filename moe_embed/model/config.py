@@ -16,10 +16,10 @@ from typing import Any, Mapping, Optional
 class EncoderConfig:
   """Fields of the bidirectional MoE text encoder."""
 
-  vocab_size: int = 1024
+  vocab_size: int = 1024  # Rows of the token embedding table.
   hidden_size: int = 64  # D, the model width.
-  num_layers: int = 2
-  num_heads: int = 4
+  num_layers: int = 2  # Transformer blocks.
+  num_heads: int = 4  # Attention heads; must divide hidden_size.
   mlp_dim: int = 256  # F, hidden width of the dense MLP and of each expert.
   type_vocab_size: int = 1  # Token-type rows; 0 drops the table.
   pad_token_id: int = 1  # XLM-R: <pad>=1; BERT: [PAD]=0.
@@ -28,13 +28,13 @@ class EncoderConfig:
   max_position_embeddings: int = 512  # Size of the learned table.
   # XLM-R numbers positions from pad_token_id + 1; BERT from 0.
   position_offset: int = 0
-  rotary_base: float = 10_000.0
+  rotary_base: float = 10_000.0  # Base of the rotary frequencies (theta).
   rotary_fraction: float = 1.0  # Share of each head's dims that rotate.
   norm: str = "post"  # 'post' (BERT, nomic-bert) or 'pre'.
   layer_norm_eps: float = 1e-5  # BERT: 1e-12; XLM-R and nomic: 1e-5.
   mlp_activation: str = "gelu"  # Exact-erf 'gelu' or gated 'swiglu'.
-  qkv_bias: bool = True
-  mlp_bias: bool = True
+  qkv_bias: bool = True  # Biases on the query, key and value projections.
+  mlp_bias: bool = True  # Biases on the dense MLP's two layers.
   # Mixture of experts: layer i is MoE when i % n == moe_layer_offset mod n; 0 means dense.
   moe_every_n_layers: int = 0
   # -1: layers n-1, 2n-1, ... (ours); 1: layers 1, n+1, ... (nomic-bert's placement).
@@ -55,8 +55,8 @@ class EncoderConfig:
   # ragged_all_to_all), 'padded' (worst-case all_to_all buffers) or 'auto'
   # (ragged on GPU and TPU, padded on CPU, which lacks the collective).
   expert_exchange: str = "auto"
-  router_init_std: float = 0.02
-  initializer_range: float = 0.02
+  router_init_std: float = 0.02  # Std of the router's normal init.
+  initializer_range: float = 0.02  # Std of the other weights' normal init.
   projection_dim: int = 0  # Optional linear head after pooling; 0 = none.
   dtype: str = "float32"  # Compute dtype: 'float32' or 'bfloat16'.
   # Rematerialise each block in the backward pass (less memory, ~1/3 more compute).

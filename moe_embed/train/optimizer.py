@@ -13,17 +13,17 @@ DECAYS = ("linear", "cosine", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """The fields of `config.optimizer` (see configs/common.py for their meaning)."""
+  """The fields of `config.optimizer`; the defaults are every run config's."""
 
-  learning_rate: float = 2e-5
-  warmup_steps: int = 400
-  decay: str = "linear"
-  end_lr_fraction: float = 0.0
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  clip_grad_norm: float = 1.0
+  learning_rate: float = 2e-5  # Peak learning rate.
+  warmup_steps: int = 400  # Linear warmup from 0.
+  decay: str = "linear"  # 'linear', 'cosine' or 'constant' after warmup.
+  end_lr_fraction: float = 0.0  # Final lr as a fraction of the peak.
+  weight_decay: float = 0.01  # AdamW decay (matrices and tables only).
+  b1: float = 0.9  # AdamW decay rate of the first moment (the gradient's mean).
+  b2: float = 0.999  # AdamW decay rate of the second moment (its square).
+  eps: float = 1e-8  # Added to the second moment's square root in the update.
+  clip_grad_norm: float = 1.0  # Global-norm clipping; 0 disables.
 
   def __post_init__(self):
     if self.decay not in DECAYS:

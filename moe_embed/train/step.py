@@ -51,15 +51,15 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """What the loss needs to know; built from `config.loss`."""
+  """What the loss needs to know: the fields of `config.loss`, whose defaults these are."""
 
-  temperature: float = 0.02
-  learn_temperature: bool = False
-  symmetric: bool = False
-  matryoshka_dims: tuple[int, ...] = ()
-  matryoshka_weights: tuple[float, ...] = ()
-  load_balancing_coef: float = 1.0
-  z_loss_coef: float = 0.0
+  temperature: float = 0.02  # InfoNCE temperature (initial value if learned).
+  learn_temperature: bool = False  # Learn log(temperature).
+  symmetric: bool = False  # Add the document -> query term.
+  matryoshka_dims: tuple[int, ...] = ()  # e.g. (768, 256); () = full embedding only.
+  matryoshka_weights: tuple[float, ...] = ()  # One per dim; () = equal weights.
+  load_balancing_coef: float = 1.0  # Switch load-balancing loss weight.
+  z_loss_coef: float = 0.0  # Router z-loss weight (1e-3 is common).
 
 
 def is_packed(batch: Batch) -> bool:
