@@ -6,6 +6,8 @@ lazy import cannot hide a cycle.
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -101,3 +103,14 @@ def test_no_module_import_cycle():
   for node in graph:
     if node not in state:
       visit(node, [])
+
+
+def test_importing_the_trainer_loads_no_tensorflow_datasets():
+  """TFDS loads when a dataset is written or opened (`data.builder`), not on import."""
+  code = ("import sys, moe_embed.train.trainer, moe_embed.data; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow_datasets'))")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [os.path.dirname(ROOT), os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=300)
+  assert out.stdout.strip() == "[]", out.stdout[:500]

@@ -120,7 +120,7 @@ def build_dataset(files: Sequence[str], folder: epath.Path, report: ReadReport,
       try_download_gcs=False, beam_options=options)))
   num_examples = {}
   for source in sources:
-    num_examples[source] = pairs.info.splits[builder.split_name(source)].num_examples
+    num_examples[source] = pairs.info.splits[dataset.split_name(source)].num_examples
     counted = _npy_length(folder / dataset.negatives_file(source))
     if counted != num_examples[source]:
       raise RuntimeError(f"Split {source!r} has {num_examples[source]} examples but "
@@ -188,7 +188,7 @@ def _split_examples(pipeline: beam.Pipeline, plan: _Plan) -> dict:
   parts = unique | "BySource" >> beam.Partition(_source_of, len(plan.sources))
   splits = {}
   for part, source in zip(parts, plan.sources):
-    split = builder.split_name(source)
+    split = dataset.split_name(source)
     pieces = os.fspath(epath.Path(plan.work) / "negatives" / split)
     target = os.fspath(epath.Path(plan.folder) / dataset.negatives_file(source))
     splits[split] = part | f"Examples_{split}" >> beam.Map(_example)

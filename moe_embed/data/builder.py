@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Mapping
@@ -29,11 +28,6 @@ from tensorflow_datasets.core.utils import py_utils
 
 NAME = "contrastive_pairs"
 DATASET_VERSION = "1.0.0"
-
-
-def split_name(source: str) -> str:
-  """A TFDS split name for a source name (letters, digits and underscores)."""
-  return re.sub(r"\W", "_", source)
 
 
 class ContrastivePairs(tfds.core.GeneratorBasedBuilder):

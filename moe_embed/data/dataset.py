@@ -15,6 +15,10 @@ and a folder without it is not a dataset. It lists every other file with its
 size (`files`), and `read_info` checks them when a dataset is opened, so a
 deleted or truncated ArrayRecord file is one line before any training work
 (datasets written before `files` existed: the TFDS shards must exist).
+
+TensorFlow Datasets (`builder`) is imported by the two functions that write or
+open the ArrayRecord splits, so reading dataset_info.json, or importing the
+trainer, does not load it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moe_embed import storage
-from moe_embed.data import builder, jsonl
+from moe_embed.data import jsonl
 from moe_embed.data.jsonl import ReadReport
 
 INFO = "dataset_info.json"
@@ -38,6 +42,11 @@ TFDS_DIR = "tfds"
 # Optional per-source keys of info["sources"][source], read by the batch iterator.
 SOURCE_OPTIONS = ("query_prefix", "doc_prefix", "max_query_len", "max_doc_len")
 MIN_LEN = 3  # A length keeps <s>, one token and </s>.
+
+
+def split_name(source: str) -> str:
+  """A TFDS split name for a source name (letters, digits and underscores)."""
+  return re.sub(r"\W", "_", source)
 
 
 def negatives_file(source: str) -> str:
@@ -112,6 +121,7 @@ def build_dataset(records: Iterable[dict], folder: epath.Path, report: ReadRepor
   splits by the TFDS builder; a set of every pair's SHA-1 stays in memory (fine
   for small data; `beam_prepare` is the path for large corpora).
   """
+  from moe_embed.data import builder  # TensorFlow Datasets: only to write the splits.
   stage = folder / "staged"
   stage.mkdir()
   writers, staged, negatives, seen = {}, {}, {}, set()
@@ -124,7 +134,7 @@ def build_dataset(records: Iterable[dict], folder: epath.Path, report: ReadRepor
     source = record["source"]
     if source not in writers:
       check_split_names([*writers, source])
-      staged[source] = stage / f"{builder.split_name(source)}.jsonl"
+      staged[source] = stage / f"{split_name(source)}.jsonl"
       writers[source] = staged[source].open("w", encoding="utf-8")
       negatives[source] = []
     writers[source].write(json.dumps(
@@ -136,7 +146,7 @@ def build_dataset(records: Iterable[dict], folder: epath.Path, report: ReadRepor
   if not writers:
     raise report.none_valid()
   check_source_options(source_options, list(writers))
-  builder.build({builder.split_name(s): os.fspath(p) for s, p in staged.items()},
+  builder.build({split_name(s): os.fspath(p) for s, p in staged.items()},
                 os.fspath(folder / TFDS_DIR))
   stage.rmtree()
   for source, counts in negatives.items():
@@ -149,7 +159,7 @@ def check_split_names(sources: Iterable[str]) -> None:
   """Two sources whose TFDS split names would collide are an error naming both."""
   seen = {}
   for source in sources:
-    split = builder.split_name(source)
+    split = split_name(source)
     if split in seen:
       raise ValueError(f"Sources {source!r} and {seen[split]!r} map to the same split name "
                        f"{split!r}; rename one of them.")
@@ -161,7 +171,7 @@ def make_info(num_examples: Mapping[str, int], report: ReadReport,
   """dataset_info for the given examples per source (both engines write this)."""
   sources = {}
   for source in sorted(num_examples):
-    sources[source] = {"split": builder.split_name(source),
+    sources[source] = {"split": split_name(source),
                        "negatives_file": negatives_file(source),
                        "num_examples": int(num_examples[source]),
                        **(source_options or {}).get(source, {})}
@@ -287,7 +297,23 @@ def read_info(data_dir: str, check: bool = True) -> dict:
 
 def open_splits(data_dir: str) -> dict:
   """Split name -> random-access data source of the dataset's TFDS folder."""
+  from moe_embed.data import builder  # TensorFlow Datasets: only to open the splits.
   return builder.data_sources(os.fspath(epath.Path(data_dir) / TFDS_DIR))
+
+
+def dataset_tokenizer_path(data_dir: str) -> str:
+  """Path of the tokenizer a dataset carries (tokenizer.model); an error if it has none."""
+  info = read_info(data_dir)
+  if "tokenizer" not in info:
+    raise FileNotFoundError(
+        f"{data_dir} carries no tokenizer; set config.tokenizer or start from a model folder.")
+  return os.fspath(epath.Path(data_dir) / info["tokenizer"])
+
+
+def heldout_beir_dirs(data_dir: str) -> list[str]:
+  """[the dataset's heldout/ BEIR folder] when it has one, else []."""
+  path = epath.Path(data_dir) / "heldout"
+  return [os.fspath(path)] if (path / "queries.jsonl").exists() else []
 
 
 class SourceReader:

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from moe_embed import data as data_lib  # TFDS: imported only when a run opens the data.
 from moe_embed import partitioning, storage
 from moe_embed.io import checkpoints, model_folder
 from moe_embed.model.encoder import EmbeddingModel
@@ -148,7 +149,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   """Checks the config, then builds the model, state, data, step and evaluator."""
-  from moe_embed import data as data_lib  # TFDS: imported only when a run starts.
   from moe_embed.tokenizers import load_tokenizer
 
   run_config.check_config(config)
@@ -174,7 +174,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   if tokenizer.pad_id != encoder_config.pad_token_id:
     logging.warning("Tokenizer pad id %d differs from encoder.pad_token_id %d.",
                     tokenizer.pad_id, encoder_config.pad_token_id)
-  beir_dirs = _beir_dirs(config, data_dir, data_lib)
+  beir_dirs = _beir_dirs(config, data_dir)
 
   is_chief = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
               writer=writer, evaluator=evaluator, is_chief=is_chief)
 
 
-def _beir_dirs(config: ml_collections.ConfigDict, data_dir: str, data_lib) -> list[str]:
+def _beir_dirs(config: ml_collections.ConfigDict, data_dir: str) -> list[str]:
   if not config.eval.enabled:
     return []
   dirs = [d for d in config.eval.beir.split(",") if d] or data_lib.heldout_beir_dirs(data_dir)
