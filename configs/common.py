@@ -18,6 +18,7 @@ import typing
 
 import ml_collections
 
+from moe_embed import validation
 from moe_embed.data.pipeline import InputConfig
 from moe_embed.model import config as model_config
 from moe_embed.train.optimizer import OptimizerConfig
@@ -49,8 +50,7 @@ def parse_arg(arg: str | None, **defaults):
     key, _, value = part.partition("=")
     if not value:
       key, value = "model", key
-    if key not in out:
-      raise KeyError(f"Unknown config argument {key!r}; known: {sorted(out.keys())}.")
+    validation.check_fields([key], out.keys(), "config argument")
     out[key] = _parse_value(key, value, defaults[key])
   return out
 

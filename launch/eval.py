@@ -95,12 +95,6 @@ def main(argv):
     from moe_embed.evaluation import mteb as mteb_eval
     mteb_tasks = mteb_eval.get_tasks(_MTEB_TASKS.value)
   embedder = inference.load_embedder(_MODEL.value, max_length=_MAX_LENGTH.value)
-  width = embedder.config.embedding_dim
-  bad = [d for d in dims + ([_DIM.value] if _DIM.value is not None else [])
-         if not 0 < d <= width]
-  if bad:
-    raise ValueError(f"Matryoshka widths {bad} must be between 1 and the embedding width "
-                     f"{width}.")
   if _ROUTING.value and not embedder.config.moe_layers:
     raise ValueError("--routing needs a mixture-of-experts model; this one is dense.")
   logging.info("Prefixes: query %r, document %r.",

@@ -12,7 +12,8 @@ leaves `partitioning` and `tokenizers`; tests/test_layout.py checks this):
   train       losses, optimizer, train step and the training job
 
 Leaves any of them may import: `storage` (gs:// and the storage emulator; every
-path may be a gs:// URI), `partitioning`, `tokenizers` and `cli`.
+path may be a gs:// URI), `validation` (unknown fields with the nearest name,
+Matryoshka widths), `partitioning`, `tokenizers` and `cli`.
 """
 
 from moe_embed import storage as _storage

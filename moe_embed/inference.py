@@ -10,18 +10,21 @@ tokens are truncated and counted (a logged warning, and `last_truncated`).
 Empty texts are not an error: they are embedded as the prefix and special
 tokens alone, with a logged warning, so that rows stay aligned with the input.
 
-With `routing=True`, encode also returns the MoE router statistics summed over
-the real tokens of the texts (moe_embed.moe.router_stats: additive, so padding
-and batching do not change them): what `launch/eval.py --routing` reports.
+`encode_with_routing` also returns the MoE router statistics summed over the
+real tokens of the texts (moe_embed.moe.router_stats: additive, so padding and
+batching do not change them): what `launch/eval.py --routing` reports.
 
 Given a mesh and the parameters' shardings, the forward pass runs sharded: the
 rows of each batch split over the mesh as in training, parameters stay where
 they are (no copy to the host), and the embeddings come back replicated to
-every process. The trainer evaluates this way at start, during and at the end.
+every process. The trainer evaluates this way at start, during and at the end,
+with one Embedder built without parameters and `with_params` for each
+evaluation's (the forward compiles once).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Sequence
 
 from absl import logging
@@ -30,7 +33,7 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_embed import partitioning
+from moe_embed import partitioning, validation
 from moe_embed.model import pooling
 from moe_embed.model.config import EncoderConfig
 from moe_embed.model.encoder import EmbeddingModel
@@ -51,12 +54,16 @@ class Embedder:
   def __init__(self, config: EncoderConfig, params: Any, tokenizer, *, max_length: int = 512,
                query_prefix: str = "", doc_prefix: str = "", mesh=None, rules=None,
                param_shardings: Any = None):
-    """`mesh`, `rules` and `param_shardings` (a tree like `params`) run it sharded."""
+    """`mesh`, `rules` and `param_shardings` (a tree like `params`) run it sharded.
+
+    `params` may be None for an Embedder whose parameters come later, per
+    `with_params` call (the trainer's: its parameters change every step).
+    """
     self.config = config
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
-    self.params = params  # Swappable: evaluation during training sets the current ones.
+    self.params = params
     model = EmbeddingModel(config)
     forward = lambda params, ids, mask: model.apply({"params": params}, ids, mask)
     if mesh is None:
@@ -76,18 +83,34 @@ class Embedder:
       return getattr(self, attr) if attr else ""
     return prefix
 
-  def encode(self, texts: Sequence[str], *, prefix: str = "", dim: Optional[int] = None,
-             batch_size: int = 64, show_progress: bool = True, routing: bool = False):
-    """float32 [n, d] unit-norm embeddings in input order (d = dim if given).
+  def with_params(self, params: Any) -> "Embedder":
+    """This Embedder over other parameters (a tree like the constructor's, with the
+    same shardings): a shallow copy sharing the jitted forward, so nothing recompiles."""
+    bound = copy.copy(self)
+    bound.params = params
+    return bound
 
-    With routing=True: (embeddings, {layer: {statistic: np.ndarray}}), the router
-    statistics of every MoE layer summed over the texts' real tokens ({} for a
-    dense model).
-    """
+  def encode(self, texts: Sequence[str], *, prefix: str = "", dim: Optional[int] = None,
+             batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
+    """float32 [n, d] unit-norm embeddings in input order (d = dim if given)."""
+    return self._encode(texts, prefix, dim, batch_size, show_progress, routing=False)[0]
+
+  def encode_with_routing(self, texts: Sequence[str], *, prefix: str = "",
+                          dim: Optional[int] = None, batch_size: int = 64,
+                          show_progress: bool = True
+                          ) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """(encode's embeddings, {layer: {statistic: float64 array}}): the router statistics
+    of every MoE layer summed over the texts' real tokens ({} for a dense model)."""
+    return self._encode(texts, prefix, dim, batch_size, show_progress, routing=True)
+
+  def _encode(self, texts: Sequence[str], prefix: str, dim: Optional[int], batch_size: int,
+              show_progress: bool, routing: bool):
+    """(embeddings [n, dim or d], summed router statistics, {} unless `routing`)."""
+    if self.params is None:
+      raise ValueError("This Embedder has no parameters; encode with embedder.with_params("
+                       "params).")
     texts = list(texts)
-    if dim is not None and not 0 < dim <= self.config.embedding_dim:
-      raise ValueError(f"dim={dim} must be between 1 and the embedding width "
-                       f"{self.config.embedding_dim}.")
+    validation.check_widths([dim], self.config.embedding_dim)
     if batch_size <= 0:
       raise ValueError(f"batch_size={batch_size} must be positive.")
     prefix = self.resolve_prefix(prefix)
@@ -127,16 +150,7 @@ class Embedder:
       out[rows] = np.asarray(emb)[:len(rows)]
       bar.update(len(rows))
     bar.close()
-    if routing:
-      return out, sum_routing(stats)
-    return out
-
-
-def sum_routing(stats: Sequence[Any]) -> dict[str, dict[str, np.ndarray]]:
-  """Additive router statistics of several calls, summed layer by layer in float64."""
-  return router_stats.add_stats(
-      [{layer: {k: np.asarray(values[k], np.float64) for k in router_stats.STAT_KEYS}
-        for layer, values in aux.items()} for aux in stats])
+    return out, router_stats.add_on_host(stats)
 
 
 def _sharded_forward(forward, mesh, rules, param_shardings):

@@ -20,10 +20,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "expert")
+Rules = tuple[tuple[str, Any], ...]  # (logical axis name, mesh axis or axes or None) pairs.
 
 # Logical name -> mesh axes. The batch is split over every device (an expert
 # group also holds data); experts over 'expert'; everything else replicated.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+DEFAULT_RULES: Rules = (
     ("batch", ("data", "expert")),
     ("exp", "expert"),
     ("vocab", None),
@@ -67,7 +68,7 @@ def make_mesh(data: int = -1, expert: int = 1,
   return Mesh(grid, MESH_AXES)
 
 
-def rules_from_config(rules: Optional[Sequence[Sequence[Any]]]) -> tuple[tuple[str, Any], ...]:
+def rules_from_config(rules: Optional[Sequence[Sequence[Any]]]) -> Rules:
   """Normalises config rules (lists from JSON/ConfigDict) into tuples."""
   if not rules:
     return DEFAULT_RULES

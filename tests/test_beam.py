@@ -147,7 +147,7 @@ def test_source_prefixes_are_stored_and_checked(in_process, corpus, tmp_path):
   path.write_text(json.dumps({"web": {"doc_prefix": "search_document: "}}))
   info, _ = data.prepare(src, str(tmp_path / "from_file"), source_prefixes=str(path))
   assert info["sources"]["web"]["doc_prefix"] == "search_document: "
-  bad = {'{"clf": {"query_prefx": "x"}}': r"\['query_prefx'\]; known: \['query_prefix'",
+  bad = {'{"clf": {"query_prefx": "x"}}': r"key 'query_prefx'\. Did you mean 'query_prefix'\?",
          '{"clf": {"max_doc_len": "64"}}': r"max_doc_len='64' must be an integer >= 3",
          '{"clf": ': "not valid JSON", str(tmp_path / "none.json"): "neither a JSON object"}
   for value, message in bad.items():

@@ -190,3 +190,63 @@ def test_every_field_of_every_preset_has_a_comment():
     if not ok:
       missing.append(".".join(path))
   assert not missing, f"fields without a comment: {missing}"
+
+
+def test_misspelt_grouped_matmul_kernel_fails_when_the_config_is_made():
+  from moe_embed.model import config as model_config
+  from moe_embed.moe import grouped_matmul
+  for kernel in ("auto",) + grouped_matmul.KERNELS:
+    assert model_config.preset("tiny", grouped_matmul=kernel).grouped_matmul == kernel
+  c = finetune.get_config("tiny")
+  c.encoder.grouped_matmul = "windowd"
+  with pytest.raises(ValueError) as error:  # Before any model is built or traced.
+    run_config.resolve_encoder(c)
+  message = str(error.value)
+  assert message.startswith("grouped_matmul='windowd' is not one of") and "\n" not in message
+  for kernel in ("auto",) + grouped_matmul.KERNELS:
+    assert repr(kernel) in message
+  with pytest.raises(ValueError, match="grouped_matmul='ragged'"):
+    model_config.preset("tiny").replace(grouped_matmul="ragged")  # A model folder's override.
+
+
+@pytest.mark.parametrize("section,field,nearest", [
+    ("optimizer", "learnig_rate", "learning_rate"),
+    ("optimizer", "zzz", None),  # Far from every field: still the nearest one.
+    ("input", "max_qery_len", "max_query_len"),
+    ("encoder", "num_expert", "num_experts"),
+])
+def test_unknown_fields_name_the_nearest_known_one(section, field, nearest):
+  from moe_embed import validation
+  c = finetune.get_config("tiny")
+  c.unlock()
+  c[section][field] = 1
+  convert = {"optimizer": run_config.optimizer_config, "input": run_config.input_config,
+             "encoder": lambda c: run_config.resolve_encoder(c)}[section]
+  with pytest.raises((KeyError, ValueError)) as error:
+    convert(c)
+  names = list(c[section].keys())
+  names.remove(field)
+  guess = nearest or validation.nearest(field, names)
+  assert guess in names and f"Unknown {section}" in str(error.value)
+  assert f"Did you mean {guess!r}?" in str(error.value)
+
+
+def test_source_option_keys_name_the_nearest_known_one():
+  from moe_embed.data import dataset
+  with pytest.raises(ValueError, match=r"Unknown --source_prefixes\['clf'\] key 'doc_prefx'\. "
+                                       r"Did you mean 'doc_prefix'\?"):
+    dataset.parse_source_options('{"clf": {"doc_prefx": "x"}}')
+  c = finetune.get_config("tiny")
+  c.input.source_prefixes = {"clf": {"max_doc_lne": 8}}
+  with pytest.raises(run_config.ConfigError, match=r"Did you mean 'max_doc_len'\?"):
+    run_config.input_config(c)
+
+
+def test_matryoshka_widths_are_checked_by_one_function():
+  from moe_embed import validation
+  for ok in (None, 1, 16):
+    validation.check_widths([ok], 16)
+  for bad in (0, 17, -4, True):
+    with pytest.raises(ValueError, match=f"Matryoshka width dims={bad} must be between 1 and "
+                                         "the embedding width 16"):
+      validation.check_widths([8, bad], 16, "dims")

@@ -172,8 +172,8 @@ def test_routing_counts_equal_a_direct_model_apply(moe_embedder):
   from moe_embed.model.encoder import EmbeddingModel
   texts = ["Return the square root of x.", "Sort a list in place, stably.",
            "Open a file and return a stream.", "a", "Parse a JSON document " * 5]
-  _, stats = moe_embedder.encode(texts, prefix="query", batch_size=2, routing=True,
-                                 show_progress=False)
+  _, stats = moe_embedder.encode_with_routing(texts, prefix="query", batch_size=2,
+                                              show_progress=False)
   config = moe_embedder.config
   assert sorted(stats) == [f"layer_{i}" for i in config.moe_layers]
   # One direct call over all texts, padded to the longest (the Embedder batches 2 at a time,
@@ -214,8 +214,8 @@ def test_sharded_routing_statistics_equal_the_single_device_ones(moe_embedder):
       param_shardings=shardings)
   texts = ["Sort a list in place.", "Return the square root of x.", "a", "Open a file " * 6,
            "Parse a JSON document."]
-  want_emb, want = moe_embedder.encode(texts, batch_size=3, routing=True, show_progress=False)
-  got_emb, got = sharded.encode(texts, batch_size=3, routing=True, show_progress=False)
+  want_emb, want = moe_embedder.encode_with_routing(texts, batch_size=3, show_progress=False)
+  got_emb, got = sharded.encode_with_routing(texts, batch_size=3, show_progress=False)
   np.testing.assert_allclose(got_emb, want_emb, atol=2e-5)
   for layer in want:
     assert got[layer]["num_tokens"] == want[layer]["num_tokens"]
@@ -226,8 +226,8 @@ def test_routing_per_folder_sums_queries_and_documents(moe_embedder, tmp_path):
   folder = _word_folder(tmp_path / "words", seed=4, num_docs=24, num_queries=8)
   out = evaluation.evaluate_beir(moe_embedder, [folder], routing=True, chunk_size=10)
   data = beir.load_beir(folder)
-  _, q_stats = moe_embedder.encode(data.query_texts, prefix="query", routing=True,
-                                   show_progress=False)
+  _, q_stats = moe_embedder.encode_with_routing(data.query_texts, prefix="query",
+                                                show_progress=False)
   layer = f"layer_{moe_embedder.config.moe_layers[-1]}"
   routing = out["words"]["routing"]
   assert routing["queries"][layer] == evaluation.summarize_routing(
@@ -323,7 +323,7 @@ def test_launcher_dims_routing_and_languages(moe_embedder, tmp_path):
   empty = _write(tmp_path / "empty", [{"_id": "d1", "text": "sort list"}], [], [("q1", "d1", 1)])
   out = tmp_path / "r.json"
   proc = _eval(f"--model={model}", "--dims=768", f"--beir={root}")
-  assert proc.returncode != 0 and "Matryoshka widths [768]" in proc.stderr
+  assert proc.returncode != 0 and "Matryoshka width dims=768 must be" in proc.stderr
   proc = _eval(f"--model={model}", f"--beir={root},{empty}", "--dims=384,64", "--routing",
                f"--output={out}", "--chunk_size=16")
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from moe_embed.evaluation import evaluator, metrics, search
+from moe_embed.evaluation import beir, evaluator, metrics, search
 
 
 def _log2(x):
@@ -173,3 +173,25 @@ def test_retrieve_drops_documents_with_the_query_id_as_beir_does():
   assert list(run["q2"]) == ["b", "c"]
   kept = evaluator.retrieve(q, d, ["q1", "q2"], doc_ids, top=2, ignore_identical_ids=False)
   assert list(kept["q1"]) == ["q1", "a"]
+
+
+def test_evaluate_data_drops_the_query_id_and_keeps_100_other_hits():
+  """The path every evaluation takes: document "q1" is dropped for query q1 only, and one
+  extra hit is searched for, so q1's relevant document at raw rank 101 is still in its top
+  100 (recall@100 1, mrr@10 0); for q2, document "q1" is an ordinary, relevant first hit."""
+  near = [0.9, float(np.sqrt(1 - 0.81))]
+  docs = {"q1": [1.0, 0.0], **{f"f{i:02d}": near for i in range(99)}, "a": [0.5, 0.866],
+          **{f"z{i}": [0.1, 0.995] for i in range(10)}}
+  table = {"query one": [1.0, 0.0], "query two": [1.0, 0.0],
+           **{f"text of {d}": v for d, v in docs.items()}}
+  data = beir.BeirData(
+      name="ids", doc_ids=list(docs), doc_texts=[f"text of {d}" for d in docs],
+      query_ids=["q1", "q2"], query_texts=["query one", "query two"],
+      qrels={"q1": {"a": 1}, "q2": {"q1": 1}}, warnings=[], counts={})
+  encode = lambda texts, prefix: np.array([table[t] for t in texts], np.float32)
+  for chunk_size in (7, 1000):  # The two hits in different chunks, and in one.
+    got = evaluator.evaluate_data(encode, data, chunk_size=chunk_size)
+    assert got["num_queries"] == 2
+    assert got["recall@100"] == pytest.approx(1.0)
+    assert got["mrr@10"] == pytest.approx(0.5)
+    assert got["ndcg@10"] == pytest.approx(0.5)

@@ -102,10 +102,24 @@ def test_sharded_embedder_equals_the_single_device_one(embedder):
   abstract = jax.eval_shape(lambda: init_params(embedder.config, jax.random.PRNGKey(0)))
   shardings = partitioning.logical_shardings(abstract, mesh, rules)
   params = jax.device_put(embedder.params, shardings)
-  sharded = inference.Embedder(embedder.config, params, embedder.tokenizer,
+  # As the trainer builds it: no parameters of its own, the current ones given per call.
+  unbound = inference.Embedder(embedder.config, None, embedder.tokenizer,
                                max_length=embedder.max_length, mesh=mesh, rules=rules,
                                param_shardings=shardings)
+  sharded = unbound.with_params(params)
   for texts, batch_size in ((TEXTS[:5], 64), (TEXTS, 6)):
     want = embedder.encode(texts, batch_size=batch_size, show_progress=False)
     got = sharded.encode(texts, batch_size=batch_size, show_progress=False)
     np.testing.assert_allclose(got, want, atol=2e-6)
+  assert unbound.params is None and sharded._forward is unbound._forward  # One compile.
+  with pytest.raises(ValueError, match="has no parameters"):
+    unbound.encode(TEXTS[:1], show_progress=False)
+
+
+def test_encode_with_routing_returns_the_embeddings_and_statistics(embedder):
+  """encode always returns an array; the statistics have their own call ({} when dense)."""
+  plain = embedder.encode(TEXTS[:4], dim=64, show_progress=False)
+  assert isinstance(plain, np.ndarray) and plain.shape == (4, 64)
+  emb, stats = embedder.encode_with_routing(TEXTS[:4], dim=64, show_progress=False)
+  np.testing.assert_array_equal(emb, plain)
+  assert stats == {}  # MiniLM is dense; MoE statistics: tests/test_eval_extra.py.

@@ -16,17 +16,18 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Unit (a package, or a top-level module) -> units it may import.
 ALLOWED = {
     "storage": set(),
+    "validation": set(),
     "moe": set(),
     "partitioning": set(),
     "tokenizers": {"storage"},
     "cli": {"storage"},
-    "model": {"moe"},
+    "model": {"moe", "validation"},
     "io": {"model", "tokenizers", "storage"},
-    "evaluation": {"moe", "storage"},
-    "data": {"tokenizers", "evaluation", "storage"},
-    "inference": {"model", "moe", "io", "partitioning", "tokenizers", "storage"},
+    "evaluation": {"moe", "storage", "validation"},
+    "data": {"tokenizers", "evaluation", "storage", "validation"},
+    "inference": {"model", "moe", "io", "partitioning", "tokenizers", "storage", "validation"},
     "train": {"model", "moe", "io", "data", "evaluation", "inference", "partitioning",
-              "tokenizers", "storage"},
+              "tokenizers", "storage", "validation"},
 }
 
 

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_embed.model import pooling
 from moe_embed.train import losses
 
 
@@ -66,7 +65,3 @@ def test_matryoshka_is_weighted_sum_of_truncated_losses():
           + 0.5 * _np_info_nce(_unit(q[:, :4]), _unit(p[:, :4]), _unit(n[..., :4]), 0.1))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
-
-def test_matryoshka_rejects_too_large_dim():
-  with pytest.raises(ValueError, match="Matryoshka dim 32"):
-    pooling.matryoshka(jnp.ones((2, 16)), 32)

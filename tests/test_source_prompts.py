@@ -160,8 +160,8 @@ def test_config_input_source_prefixes_reach_the_iterator(ds, tokenizer):
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"clf": {"query_prefx": "x"}}, "input.source_prefixes['clf'] has unknown keys "
-                                    "['query_prefx']"),
+    ({"clf": {"query_prefx": "x"}}, "Unknown input.source_prefixes['clf'] key 'query_prefx'. "
+                                    "Did you mean 'query_prefix'?"),
     ({"nope": {"query_prefix": "x"}, "zz": {}}, "names unknown sources ['nope', 'zz']"),
     ({"clf": {"max_doc_len": 64}}, "input.source_prefixes['clf'].max_doc_len=64 exceeds "
                                    "input.max_doc_len=32"),

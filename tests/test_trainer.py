@@ -75,7 +75,9 @@ def test_interrupted_run_resumes_exactly(data_dir, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"data": "/nonexistent/pairs"}, "config.data='/nonexistent/pairs' does not exist"),
     ({"batch_size": 12}, "batch_size=12 is not divisible by the 8"),
-    ({"loss.matryoshka_dims": (64, 128)}, "matryoshka_dims contains 128"),
+    ({"loss.matryoshka_dims": (64, 128)},
+     "loss.matryoshka_dims=128 must be between 1 and the embedding width 64"),
+    ({"eval.dim": 65}, "eval.dim=65 must be between 1 and the embedding width 64"),
     ({"grad_cache_chunk": 24, "batch_size": 64}, "grad_cache_chunk=24 does not divide"),
     ({"eval.enabled": True, "eval.beir": "/nope"}, "eval.beir names folders"),
     ({"mesh.data": 3}, "mesh.data=3 x mesh.expert=1 = 3 devices, but 8"),

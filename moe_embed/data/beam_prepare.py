@@ -109,7 +109,7 @@ def build_dataset(files: Sequence[str], folder: epath.Path, report: ReadReport,
     raise report.none_valid()
   sources = sorted(totals)
   dataset.check_split_names(sources)
-  dataset.check_source_options(source_options, sources)
+  dataset.check_sources(source_options or {}, sources)
   plan_path = work / "plan.json"
   plan_path.write_text(json.dumps({"sources": sources, "offsets": offsets}))
   plan = _Plan(files=list(files), sources=sources, plan_path=os.fspath(plan_path),

@@ -32,7 +32,7 @@ from etils import epath
 import numpy as np
 from tqdm import tqdm
 
-from moe_embed import storage
+from moe_embed import storage, validation
 from moe_embed.data import jsonl
 from moe_embed.data.jsonl import ReadReport
 
@@ -145,7 +145,7 @@ def build_dataset(records: Iterable[dict], folder: epath.Path, report: ReadRepor
     writer.close()
   if not writers:
     raise report.none_valid()
-  check_source_options(source_options, list(writers))
+  check_sources(source_options or {}, list(writers))
   builder.build({split_name(s): os.fspath(p) for s, p in staged.items()},
                 os.fspath(folder / TFDS_DIR))
   stage.rmtree()
@@ -198,16 +198,20 @@ def parse_source_options(value: str | Mapping | None) -> dict[str, dict]:
     raise ValueError("--source_prefixes must be a JSON object of source -> options.")
   out = {}
   for source, options in value.items():
-    where = f"--source_prefixes[{source!r}]"
-    if not isinstance(options, Mapping):
-      raise ValueError(f"{where} must be an object with some of {list(SOURCE_OPTIONS)}.")
-    unknown = sorted(set(options) - set(SOURCE_OPTIONS))
-    if unknown:
-      raise ValueError(f"{where} has unknown keys {unknown}; known: {list(SOURCE_OPTIONS)}.")
-    for key, option in options.items():
-      check_option(f"{where}.{key}", key, option)
+    check_source_entry(f"--source_prefixes[{source!r}]", options)
     out[source] = dict(options)
   return out
+
+
+def check_source_entry(where: str, options: Any) -> None:
+  """One source's options (--source_prefixes or input.source_prefixes, named `where`):
+  a mapping of some of SOURCE_OPTIONS, each value checked by check_option."""
+  if not isinstance(options, Mapping):
+    raise ValueError(f"{where} must map some of {list(SOURCE_OPTIONS)} to values, got "
+                     f"{type(options).__name__}.")
+  validation.check_fields(options, SOURCE_OPTIONS, f"{where} key", ValueError)
+  for key, option in options.items():
+    check_option(f"{where}.{key}", key, option)
 
 
 def _read_options_file(path: str) -> str:
@@ -227,13 +231,14 @@ def check_option(where: str, key: str, value: Any) -> None:
     raise ValueError(f"{where}={value!r} must be an integer >= {MIN_LEN}.")
 
 
-def check_source_options(source_options: Optional[Mapping[str, dict]],
-                         sources: Iterable[str]) -> None:
-  """Options for a source the data does not have are an error naming it."""
-  unknown = sorted(set(source_options or {}) - set(sources))
+def check_sources(named: Iterable[str], sources: Iterable[str], what: str = "--source_prefixes",
+                  where: str = "the data") -> None:
+  """Sources named by `what` (per-source options or weights) that `where` does not have
+  are an error naming them and the sources it has."""
+  sources = sorted(sources)
+  unknown = sorted(set(named) - set(sources))
   if unknown:
-    raise ValueError(f"--source_prefixes names unknown sources {unknown}; the data has "
-                     f"{sorted(sources)}.")
+    raise ValueError(f"{what} names unknown sources {unknown}; {where} has {sources}.")
 
 
 def store_tokenizer(folder: epath.Path, tokenizer_path: str, info: dict) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import os
 import queue
@@ -55,6 +54,7 @@ from typing import Any, Mapping, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from moe_embed import validation
 from moe_embed.data import dataset, packing
 
 # The per-source settings: keys of input.source_prefixes[source] and of
@@ -115,14 +115,8 @@ class InputConfig:
                        "never spans two rows, so raise pack_length or set it to 0.")
     for source, fields in (self.source_prefixes or {}).items():
       where = f"input.source_prefixes[{source!r}]"
-      if not isinstance(fields, Mapping):
-        raise ValueError(f"{where} must map some of {list(SOURCE_FIELDS)} to values, got "
-                         f"{type(fields).__name__}.")
-      unknown = sorted(set(fields) - set(SOURCE_FIELDS))
-      if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; known: {list(SOURCE_FIELDS)}.")
+      dataset.check_source_entry(where, fields)
       for field, value in fields.items():
-        dataset.check_option(f"{where}.{field}", field, value)
         if field.startswith("max_") and value > getattr(self, field):
           raise ValueError(f"{where}.{field}={value} exceeds input.{field}="
                            f"{getattr(self, field)}, the padded batch width; raise "
@@ -130,10 +124,7 @@ class InputConfig:
 
   def check_sources(self, sources: Sequence[str], where: str) -> None:
     """Every source named in source_prefixes exists in `sources` (the dataset's)."""
-    unknown = sorted(set(self.source_prefixes or {}) - set(sources))
-    if unknown:
-      raise ValueError(f"input.source_prefixes names unknown sources {unknown}; {where} has "
-                       f"{sorted(sources)}.")
+    dataset.check_sources(self.source_prefixes or {}, sources, "input.source_prefixes", where)
 
   def resolve(self, info_sources: Mapping[str, Mapping[str, Any]], where: str
               ) -> dict[str, SourceInputs]:
@@ -162,12 +153,7 @@ class InputConfig:
   @classmethod
   def from_mapping(cls, fields: Mapping[str, Any]) -> "InputConfig":
     """From `config.input`; an unknown field is named, with the closest known one."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in fields:
-      if key not in names:
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"Unknown input field {key!r}.{hint}")
+    validation.check_fields(fields, [f.name for f in dataclasses.fields(cls)], "input field")
     return cls(**dict(fields))
 
 
@@ -227,10 +213,8 @@ class TrainIterator:
                        + (" with hard negatives" if num_negatives else "") + ".")
     self.sources = sorted(self.readers)
     if source_weights:
-      unknown = set(source_weights) - set(info["sources"])
-      if unknown:
-        raise ValueError(f"input.source_weights names unknown sources {sorted(unknown)}; "
-                         f"the dataset has {sorted(info['sources'])}.")
+      dataset.check_sources(source_weights, info["sources"], "input.source_weights",
+                            "the dataset")
       weights = np.array([float(source_weights.get(s, 0.0)) for s in self.sources])
     else:
       weights = np.array([len(self.eligible[s]) for s in self.sources], np.float64)

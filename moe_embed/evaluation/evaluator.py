@@ -2,7 +2,8 @@
 
 The encoder is either a function `encode(texts, prefix) -> float [n, d]` or an
 object with `.encode(texts, *, prefix, batch_size, show_progress)` and, for the
-default prefixes, `.query_prefix` / `.doc_prefix` (moe_embed.inference.Embedder).
+default prefixes, `.query_prefix` / `.doc_prefix` (moe_embed.inference.Embedder;
+router statistics also need its `.encode_with_routing`).
 Embeddings are L2-normalised here whatever the encoder returns; with `dim`, the
 first `dim` dimensions are kept and re-normalised (Matryoshka).
 
@@ -29,6 +30,7 @@ from absl import logging
 import numpy as np
 import tqdm
 
+from moe_embed import validation
 from moe_embed.evaluation import beir, metrics, quantization, search
 from moe_embed.moe import router_stats
 
@@ -40,28 +42,33 @@ _ENCODE_CHUNK = 8192  # Documents encoded and searched at a time (bounds memory)
 
 
 def normalize(x: np.ndarray, dim: Optional[int] = None) -> np.ndarray:
-  """float32 [n, dim or d]: the first `dim` columns, L2-normalised row by row."""
+  """float32 [n, dim or d]: the first `dim` columns, L2-normalised row by row.
+
+  `dim` is checked against the width by the caller, where it enters (evaluate_data).
+  """
   x = np.asarray(x, np.float32)
   if x.ndim != 2:
     raise ValueError(f"The encoder returned shape {x.shape}; expected [num_texts, dim].")
   if dim is not None:
-    if not 0 < dim <= x.shape[1]:
-      raise ValueError(f"dim={dim} must be between 1 and the embedding width {x.shape[1]}.")
     x = x[:, :dim]
   norms = np.linalg.norm(x, axis=1, keepdims=True)
   return x / np.maximum(norms, 1e-12)
 
 
 def _encode(encoder: Encoder, texts: Sequence[str], prefix: str, *, batch_size: int,
-            show_progress: bool, desc: str, routing: bool = False):
-  """Raw embeddings [len(texts), d] in input order; with routing, (embeddings, statistics)."""
+            show_progress: bool, desc: str, routing: bool = False
+            ) -> tuple[np.ndarray, Optional[dict]]:
+  """(raw embeddings [len(texts), d] in input order, router statistics or None).
+
+  The statistics come from the encoder's `encode_with_routing`, with `routing` only.
+  """
   stats = None
   if hasattr(encoder, "encode"):
-    kwargs = {"routing": True} if routing else {}
-    out = encoder.encode(list(texts), prefix=prefix, batch_size=batch_size,
-                         show_progress=show_progress, **kwargs)
+    kwargs = dict(prefix=prefix, batch_size=batch_size, show_progress=show_progress)
     if routing:
-      out, stats = out
+      out, stats = encoder.encode_with_routing(list(texts), **kwargs)
+    else:
+      out = encoder.encode(list(texts), **kwargs)
   else:
     if routing:
       raise ValueError("Router statistics need an Embedder, not a plain encode function.")
@@ -76,7 +83,7 @@ def _encode(encoder: Encoder, texts: Sequence[str], prefix: str, *, batch_size: 
   if out.ndim != 2 or len(out) != len(texts):
     raise ValueError(f"The encoder returned shape {out.shape} for {len(texts)} texts; expected "
                      f"[{len(texts)}, dim].")
-  return (out, stats) if routing else out
+  return out, stats
 
 
 def _merge(best: Optional[tuple[np.ndarray, np.ndarray]], scores: np.ndarray, idx: np.ndarray,
@@ -100,32 +107,30 @@ def retrieve(query_emb: np.ndarray, doc_emb: np.ndarray, query_ids: Sequence[str
 
   query_emb: float [num_queries, d]; doc_emb: float [num_docs, d]; scores are
   inner products. `chunks` passes query_chunk / doc_chunk to search.top_k.
+  The run is built by `_to_run`, as evaluate_data builds its runs.
   """
   extra = 1 if ignore_identical_ids else 0
   scores, idx = search.top_k(query_emb, doc_emb, top + extra, show_progress=show_progress,
                              **chunks)
-  run = {}
-  for qi, qid in enumerate(query_ids):
-    hits = {}
-    for s, j in zip(scores[qi].tolist(), idx[qi].tolist()):
-      did = doc_ids[j]
-      if ignore_identical_ids and did == qid:
-        continue
-      if len(hits) < top:
-        hits[did] = s
-    run[qid] = hits
-  return run
+  return _to_run(scores, idx, query_ids, doc_ids, top, ignore_identical_ids)
 
 
 def _to_run(scores: np.ndarray, idx: np.ndarray, query_ids: Sequence[str],
-            doc_ids: Sequence[str], top: int) -> dict[str, dict[str, float]]:
-  """{query id: {doc id: score}} from top-k arrays, dropping a document with the query's id."""
+            doc_ids: Sequence[str], top: int, ignore_identical_ids: bool = True
+            ) -> dict[str, dict[str, float]]:
+  """{query id: {doc id: score}} of the first `top` hits of top-k arrays [q, k].
+
+  With ignore_identical_ids (BEIR's default), a document whose id is the
+  query's is dropped first; the arrays hold one extra hit so that `top` remain.
+  """
   run = {}
   for qi, qid in enumerate(query_ids):
     hits = {}
     for sc, j in zip(scores[qi].tolist(), idx[qi].tolist()):
       did = doc_ids[j]
-      if did != qid and len(hits) < top:
+      if ignore_identical_ids and did == qid:
+        continue
+      if len(hits) < top:
         hits[did] = sc
     run[qid] = hits
   return run
@@ -175,21 +180,22 @@ def evaluate_data(encoder: Encoder, data: beir.BeirData, *, dim: Optional[int] =
   kept: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
   ranges, q_quantized = None, {}
   if data.query_ids and data.doc_ids:
-    raw = _encode(encoder, data.query_texts, query_prefix, batch_size=batch_size,
-                  show_progress=show_progress, desc=f"{data.name} queries", routing=routing)
+    raw, q_stats = _encode(encoder, data.query_texts, query_prefix, batch_size=batch_size,
+                           show_progress=show_progress, desc=f"{data.name} queries",
+                           routing=routing)
     if routing:
-      raw, q_stats = raw
       stats["queries"].append(q_stats)
+    validation.check_widths([dim], raw.shape[1], "dim")  # The encoder's width: known here.
+    validation.check_widths(dims, raw.shape[1], "dims")
     queries = {w: normalize(raw, w) for w in widths}
     del raw
     with tqdm.tqdm(total=len(data.doc_ids), desc=f"{data.name} docs", unit="doc",
                    disable=not show_progress) as bar:
       for start in range(0, len(data.doc_ids), chunk_size):
         texts = data.doc_texts[start:start + chunk_size]
-        raw = _encode(encoder, texts, doc_prefix, batch_size=batch_size, show_progress=False,
-                      desc="", routing=routing)
+        raw, d_stats = _encode(encoder, texts, doc_prefix, batch_size=batch_size,
+                               show_progress=False, desc="", routing=routing)
         if routing:
-          raw, d_stats = raw
           stats["documents"].append(d_stats)
         for w in widths:
           scores, idx = search.top_k(queries[w], normalize(raw, w), k)
@@ -232,7 +238,7 @@ def evaluate_data(encoder: Encoder, data: beir.BeirData, *, dim: Optional[int] =
             p, width_of(dim))
   if routing:
     top_k = getattr(getattr(encoder, "config", None), "top_k", 1)
-    result["routing"] = {part: summarize_routing(_add_stats(s), top_k)
+    result["routing"] = {part: summarize_routing(router_stats.add_on_host(s), top_k)
                          for part, s in stats.items()}
   return result
 
@@ -248,29 +254,25 @@ def _scored(run: dict[str, dict[str, float]], data: beir.BeirData) -> dict[str, 
   return result
 
 
-def _add_stats(parts: Sequence[dict]) -> dict[str, dict[str, np.ndarray]]:
-  """Router statistics of several encode calls, added layer by layer in float64."""
-  return router_stats.add_stats(
-      [{layer: {k: np.asarray(v, np.float64) for k, v in values.items()}
-        for layer, values in stats.items()} for stats in parts])
-
-
 def summarize_routing(stats: dict[str, dict[str, np.ndarray]], top_k: int) -> dict[str, Any]:
   """Per MoE layer: expert_fraction [E] (share of top-k assignments), router_entropy
   (mean per-token entropy of the router, nats), usage_entropy (entropy of
-  expert_fraction: log E when balanced), load_balancing_loss, num_tokens."""
+  expert_fraction: log E when balanced), load_balancing_loss, num_tokens.
+
+  The fractions, entropy and loss are router_stats.layer_metrics' (their one
+  definition); usage_entropy is the entropy of those fractions.
+  """
   out = {}
   for layer in sorted(stats, key=lambda name: (len(name), name)):
     values = stats[layer]
-    n = max(float(values["num_tokens"]), 1.0)
-    fraction = np.asarray(values["expert_counts"], np.float64) / (n * top_k)
+    derived = router_stats.layer_metrics(values, top_k)
+    fraction = np.asarray(derived["expert_fraction"], np.float64)
     p = fraction[fraction > 0]
     out[layer] = {
         "expert_fraction": [round(float(f), 6) for f in fraction],
-        "router_entropy": float(values["entropy_sum"]) / n,
+        "router_entropy": float(derived["router_entropy"]),
         "usage_entropy": float(-np.sum(p * np.log(p))),
-        "load_balancing_loss": float(len(fraction) * np.sum(
-            fraction * np.asarray(values["prob_sum"], np.float64) / n)),
+        "load_balancing_loss": float(derived["load_balancing_loss"]),
         "num_tokens": int(values["num_tokens"]),
     }
   return out
@@ -323,13 +325,6 @@ def evaluate_beir(encode_fn: Encoder, beir_dirs: Sequence[Union[str, beir.BeirDa
   if batch_size <= 0 or chunk_size <= 0:
     raise ValueError(f"batch_size={batch_size} and chunk_size={chunk_size} must be positive.")
   quantization.check_precisions(quantize)
-  for d in ([dim] if dim is not None else []) + list(dims):
-    if d <= 0:
-      raise ValueError(f"dim={d} must be positive (or None for the full width).")
-  width = getattr(getattr(encode_fn, "config", None), "embedding_dim", None)
-  too_wide = [d for d in ([dim] if dim else []) + list(dims) if width and d > width]
-  if too_wide:
-    raise ValueError(f"Matryoshka widths {too_wide} exceed the embedding width {width}.")
   names = {}
   for folder in beir_dirs:
     name = folder.name if isinstance(folder, beir.BeirData) else (

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 from etils import epath
 import numpy as np
 
-from moe_embed import storage
+from moe_embed import storage, validation
 from moe_embed.evaluation.evaluator import normalize
 
 try:
@@ -57,7 +57,10 @@ class MtebEncoder(AbsEncoder):
     self.query_prefix = (embedder.query_prefix if query_prefix is None else query_prefix) or ""
     self.doc_prefix = (embedder.doc_prefix if doc_prefix is None else doc_prefix) or ""
     config = getattr(embedder, "config", None)
-    width = dim or getattr(config, "embedding_dim", None)
+    full = getattr(config, "embedding_dim", None)
+    if full:  # Otherwise the embedder's own encode(dim=...) checks it.
+      validation.check_widths([dim], full)
+    width = dim or full
     self.mteb_model_meta = ModelMeta.create_empty(overwrites={
         "name": name if "/" in name else f"moe-embed/{name}",
         "embed_dim": width,
@@ -154,11 +157,13 @@ def run_tasks(encoder: MtebEncoder, tasks: Sequence[Any], *, dims: Sequence[int]
       isinstance(t, str) for t in tasks) else []
   if dims and encoder.cache is None:
     encoder.cache = {}
+  # Made first, so that each checks its width before any task runs.
+  subs = {width: MtebEncoder(encoder.model, dim=width, batch_size=encoder.batch_size,
+                             query_prefix=encoder.query_prefix, doc_prefix=encoder.doc_prefix,
+                             name=encoder.mteb_model_meta.name, cache=encoder.cache)
+          for width in dims}
   out = _evaluate(encoder, objects, show_progress)
-  for width in dims:
-    sub = MtebEncoder(encoder.model, dim=width, batch_size=encoder.batch_size,
-                      query_prefix=encoder.query_prefix, doc_prefix=encoder.doc_prefix,
-                      name=encoder.mteb_model_meta.name, cache=encoder.cache)
+  for width, sub in subs.items():
     for name, scored in _evaluate(sub, objects, show_progress).items():
       out[name].setdefault("dims", {})[str(width)] = scored
   return out

@@ -2,14 +2,18 @@
 
 Every variant of the BERT / XLM-RoBERTa / nomic-bert family that we support is a
 field here, not a copy of a module. `EncoderConfig.from_dict` rejects unknown
-keys by name, so a misspelt field in a config file fails loudly.
+keys by name, with the nearest field, and every choice field is checked when the
+config is made, so a misspelt field or value in a config file fails loudly
+before anything is traced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Mapping, Optional
+
+from moe_embed import validation
+from moe_embed.moe import grouped_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,7 @@ class EncoderConfig:
     _check_choice("norm", self.norm, ("post", "pre"))
     _check_choice("mlp_activation", self.mlp_activation, ("gelu", "swiglu"))
     _check_choice("moe_dispatch", self.moe_dispatch, ("dropless", "capacity"))
+    _check_choice("grouped_matmul", self.grouped_matmul, ("auto",) + grouped_matmul.KERNELS)
     _check_choice("expert_exchange", self.expert_exchange, ("auto", "padded", "ragged"))
     _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     if self.hidden_size % self.num_heads:
@@ -130,12 +135,7 @@ def _field_names() -> list[str]:
 
 
 def _check_keys(fields: Mapping[str, Any]) -> None:
-  names = _field_names()
-  for key in fields:
-    if key not in names:
-      close = difflib.get_close_matches(key, names, n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise KeyError(f"Unknown encoder config field {key!r}.{hint}")
+  validation.check_fields(fields, _field_names(), "encoder config field")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

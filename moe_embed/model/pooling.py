@@ -35,8 +35,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def matryoshka(x: jax.Array, dim: int) -> jax.Array:
-  """First `dim` features of x [..., D], re-normalised to unit length."""
-  if not 0 < dim <= x.shape[-1]:
-    raise ValueError(
-        f"Matryoshka dim {dim} must be between 1 and the embedding width {x.shape[-1]}.")
+  """First `dim` features of x [..., D], re-normalised to unit length.
+
+  1 <= dim <= D is checked where the width enters (moe_embed.validation.check_widths:
+  the run config, Embedder.encode), not on every call.
+  """
   return l2_normalize(x[..., :dim])

@@ -7,7 +7,7 @@
   grouped_matmul   the grouped matmul kernels of the dropless path
   expert_parallel  experts sharded over mesh axes; tokens exchanged with all_to_all
 
-Imports: jax only, and within this package in the order listed (acyclic).
+Imports: jax and numpy only, and within this package in the order listed (acyclic).
 `moe_embed.model.moe_mlp` wraps these functions in the Flax layer that holds
 the parameters.
 """

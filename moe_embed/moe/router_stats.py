@@ -19,6 +19,7 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_embed.moe.routing import Routing
 
@@ -56,6 +57,12 @@ def add_stats(all_stats: Sequence[Stats]) -> dict[str, dict[str, jax.Array]]:
       for key in STAT_KEYS:
         acc[key] = acc[key] + values[key] if key in acc else values[key]
   return total
+
+
+def add_on_host(all_stats: Sequence[Stats]) -> dict[str, dict[str, np.ndarray]]:
+  """add_stats of statistics fetched to the host, in float64 (token counts stay exact)."""
+  return add_stats([{layer: {k: np.asarray(values[k], np.float64) for k in STAT_KEYS}
+                     for layer, values in stats.items()} for stats in all_stats])
 
 
 def _load_balancing(values: LayerStats, whole: LayerStats, top_k: int) -> jax.Array:

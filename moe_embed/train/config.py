@@ -14,7 +14,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from moe_embed import partitioning
+from moe_embed import partitioning, validation
 from moe_embed.data.pipeline import InputConfig
 from moe_embed.model import config as model_config
 from moe_embed.train.optimizer import OptimizerConfig
@@ -67,11 +67,7 @@ def loss_config(config: ml_collections.ConfigDict, embedding_dim: int) -> LossCo
     raise ConfigError(
         f"loss.matryoshka_weights has {len(weights)} entries but loss.matryoshka_dims "
         f"has {len(dims)}.")
-  for d in dims:
-    if not 0 < d <= embedding_dim:
-      raise ConfigError(
-          f"loss.matryoshka_dims contains {d}, but the embedding has {embedding_dim} "
-          "dimensions.")
+  _check_widths(dims, embedding_dim, "loss.matryoshka_dims")
   return LossConfig(
       temperature=float(config.loss.temperature),
       learn_temperature=bool(config.loss.learn_temperature),
@@ -79,6 +75,19 @@ def loss_config(config: ml_collections.ConfigDict, embedding_dim: int) -> LossCo
       matryoshka_weights=weights,
       load_balancing_coef=float(config.loss.load_balancing_coef),
       z_loss_coef=float(config.loss.z_loss_coef))
+
+
+def check_eval(config: ml_collections.ConfigDict, embedding_dim: int) -> None:
+  """`config.eval.dim` (0: the full width) fits the embedding, before any training step."""
+  if config.eval.dim:
+    _check_widths([int(config.eval.dim)], embedding_dim, "eval.dim")
+
+
+def _check_widths(widths, embedding_dim: int, name: str) -> None:
+  try:
+    validation.check_widths(widths, embedding_dim, name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:

@@ -8,6 +8,8 @@ from typing import Any, Callable, Mapping
 import jax
 import optax
 
+from moe_embed import validation
+
 DECAYS = ("linear", "cosine", "constant")
 
 
@@ -42,10 +44,9 @@ class OptimizerConfig:
 
   @classmethod
   def from_mapping(cls, fields: Mapping[str, Any]) -> "OptimizerConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - names)
-    if unknown:
-      raise KeyError(f"Unknown optimizer fields {unknown}; known: {sorted(names)}.")
+    """From `config.optimizer`; an unknown field is named, with the closest known one."""
+    validation.check_fields(fields, [f.name for f in dataclasses.fields(cls)],
+                            "optimizer field")
     return cls(**dict(fields))
 
 

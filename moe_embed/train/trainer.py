@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from absl import logging
 from etils import epath
@@ -31,6 +31,10 @@ from moe_embed.train import workdir as workdir_lib
 from moe_embed.train.config import ConfigError
 from moe_embed.train.metric_writer import MetricWriter
 
+if TYPE_CHECKING:  # Types of the annotations only (never evaluated at run time).
+  from moe_embed.inference import Embedder
+  import orbax.checkpoint as ocp
+
 __all__ = ["ConfigError", "OutOfMemory", "TrainingDiverged", "train_and_evaluate"]
 
 
@@ -44,19 +48,23 @@ class OutOfMemory(RuntimeError):
 
 @dataclasses.dataclass
 class _Run:
-  """Everything a run holds between setup and the end."""
+  """Everything a run holds between setup and the end.
+
+  `state` advances every step, and `planned_bytes` / `signal_received` are
+  filled in by the loop; the other fields are set once by `_setup`.
+  """
 
   config: ml_collections.ConfigDict
-  mesh: Any
-  rules: Any
+  mesh: jax.sharding.Mesh
+  rules: partitioning.Rules
   state: step_lib.TrainState
   start_step: int
-  step_fn: Any  # jitted (state, batch) -> (state, metrics)
-  batch_sharding: Any
-  batches: Any  # data.TrainIterator
-  manager: Any  # Orbax CheckpointManager
+  step_fn: jax.stages.Wrapped  # jitted (state, batch) -> (state, metrics), state donated
+  batch_sharding: jax.sharding.NamedSharding
+  batches: data_lib.TrainIterator
+  manager: ocp.CheckpointManager
   writer: MetricWriter
-  evaluator: "_Evaluator"
+  evaluator: _Evaluator
   is_chief: bool
   planned_bytes: Optional[int] = None  # Per device, from the compiled step's memory analysis.
   signal_received: Optional[str] = None  # 'SIGTERM' or 'SIGINT' once one stopped the run.
@@ -67,33 +75,27 @@ class _Evaluator:
 
   The forward takes the train state's parameters where they are (sharded, on
   device) and runs under the run's mesh and rules, so the evaluations at the
-  start, during and at the end are the same program.
+  start, during and at the end are the same program. Parameters are passed to
+  each `run` and bound for that call only (Embedder.with_params): nothing keeps
+  them once it returns, so the next train step may donate their buffers.
   """
 
-  def __init__(self, config, encoder_config, tokenizer, beir_dirs, mesh, rules,
-               param_shardings, writer: MetricWriter):
-    from moe_embed import inference
-    self.config, self.beir_dirs, self.writer = config, beir_dirs, writer
+  def __init__(self, config: ml_collections.ConfigDict, embedder: Embedder,
+               beir_dirs: Sequence[str], writer: MetricWriter):
+    self.config, self.embedder, self.beir_dirs, self.writer = config, embedder, beir_dirs, writer
     self._last: tuple[int, dict[str, Any]] | None = None  # (step, results)
-    self.embedder = inference.Embedder(
-        encoder_config, None, tokenizer, max_length=config.eval.max_length,
-        query_prefix=config.input.query_prefix, doc_prefix=config.input.doc_prefix,
-        mesh=mesh, rules=rules, param_shardings=param_shardings)
 
-  def __call__(self, step: int, model_params) -> dict[str, Any]:
-    """Scores the parameters of `step`; a step already scored (the last periodic
+  def run(self, step: int, model_params: Any) -> dict[str, Any]:
+    """Scores the model parameters of `step`; a step already scored (the last periodic
     evaluation is also the final one) returns its results again."""
     if not self.beir_dirs:
       return {}
     if self._last is not None and self._last[0] == step:
       return self._last[1]
     from moe_embed.evaluation import evaluate_beir
-    self.embedder.params = model_params
-    try:
-      results = evaluate_beir(self.embedder, self.beir_dirs, dim=self.config.eval.dim or None,
-                              batch_size=self.config.eval.batch_size)
-    finally:
-      self.embedder.params = None  # The next train step donates these buffers.
+    results = evaluate_beir(self.embedder.with_params(model_params), self.beir_dirs,
+                            dim=self.config.eval.dim or None,
+                            batch_size=self.config.eval.batch_size)
     self.writer.write(step, {f"eval/{name}/{k}": v for name, r in results.items()
                              for k, v in r.items() if isinstance(v, (int, float))})
     self._last = (step, results)
@@ -124,7 +126,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = _setup(config, workdir)
   initial_eval = None
   if config.eval.at_start and run.start_step == 0 and run.evaluator.beir_dirs:
-    initial_eval = run.evaluator(0, run.state.params["model"])
+    initial_eval = run.evaluator.run(0, run.state.params["model"])
     logging.info("Untrained model: nDCG@10 %.4f", initial_eval["average"]["ndcg@10"])
   try:
     step, last_metrics, preempted = _train(run, stop_at_step)
@@ -136,7 +138,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.warning("Stopped at step %d; rerun the same command to resume.", step)
     return {"preempted": True, "step": step, "metrics": last_metrics,
             "signal": run.signal_received}
-  final_eval = run.evaluator(step, run.state.params["model"])
+  final_eval = run.evaluator.run(step, run.state.params["model"])
   run.writer.close()
   if final_eval:
     line = f"Final nDCG@10 on the held-out split: {final_eval['average']['ndcg@10']:.4f}"
@@ -156,6 +158,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   # A changed architecture stops here, before config.json and model.json are rewritten.
   workdir_lib.check_resume(workdir, encoder_config, config)
   loss_cfg = run_config.loss_config(config, encoder_config.embedding_dim)
+  run_config.check_eval(config, encoder_config.embedding_dim)
   opt_cfg = run_config.optimizer_config(config)
   inputs = run_config.input_config(config)
   mesh, rules = run_config.mesh_and_rules(config)
@@ -208,11 +211,23 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   # Rows logged after the restored step belong to a run that was lost: drop them.
   writer = MetricWriter(workdir, enabled=is_chief,
                         resume_step=int(state.step) if data_state is not None else None)
-  evaluator = _Evaluator(config, encoder_config, tokenizer, beir_dirs, mesh, rules,
-                         state_shardings.params["model"], writer)
+  evaluator = _Evaluator(config, _eval_embedder(config, encoder_config, tokenizer, mesh, rules,
+                                               state_shardings.params["model"]),
+                         beir_dirs, writer)
   return _Run(config=config, mesh=mesh, rules=rules, state=state, start_step=int(state.step),
               step_fn=jitted, batch_sharding=batch_sharding, batches=batches, manager=manager,
               writer=writer, evaluator=evaluator, is_chief=is_chief)
+
+
+def _eval_embedder(config: ml_collections.ConfigDict, encoder_config, tokenizer,
+                   mesh: jax.sharding.Mesh, rules: partitioning.Rules,
+                   param_shardings: Any) -> Embedder:
+  """The evaluations' Embedder: sharded like the train state, parameters given per run."""
+  from moe_embed import inference
+  return inference.Embedder(
+      encoder_config, None, tokenizer, max_length=config.eval.max_length,
+      query_prefix=config.input.query_prefix, doc_prefix=config.input.doc_prefix,
+      mesh=mesh, rules=rules, param_shardings=param_shardings)
 
 
 def _beir_dirs(config: ml_collections.ConfigDict, data_dir: str) -> list[str]:
@@ -270,7 +285,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
       if preemption.requested:
         break
       if config.eval.every_steps and step % config.eval.every_steps == 0:
-        run.evaluator(step, run.state.params["model"])
+        run.evaluator.run(step, run.state.params["model"])
     bar.close()
   if not preemption.requested and run.manager.latest_step() != step:
     checkpoints.save(run.manager, step, run.state, run.batches.get_state())
