@@ -1,7 +1,17 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere; shared fixtures.
+
+  stdlib_data_dir  the embedded stdlib corpus, built once per session
+  workdir_v0       a copy of tests/data/workdir_v0 to change
+  gcs_emulator     a GCS emulator on 127.0.0.1; gcs_bucket(name) makes a bucket in it
+
+Helpers that are not fixtures live in plain modules beside the tests (runs.py,
+records.py, beir_folders.py, step_inputs.py, hlo_ops.py, tree_asserts.py,
+reference_models.py); no test module imports another.
+"""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,12 +38,28 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def stdlib_data_dir(tmp_path_factory):
+  """The embedded stdlib corpus (`data.ensure_default_data`), built once per test session."""
+  from moe_embed import data
+  return data.ensure_default_data(str(tmp_path_factory.mktemp("cache") / "stdlib_pairs"))
+
+
+@pytest.fixture
+def workdir_v0(tmp_path):
+  """A copy of tests/data/workdir_v0 (a workdir stopped at step 2 of 4, its data, ...)."""
+  from tests.runs import FIXTURE
+  root = str(tmp_path / "v0")
+  shutil.copytree(FIXTURE, root)
+  return root
+
+
+@pytest.fixture(scope="session")
 def gcs_emulator():
   """A GCS emulator on 127.0.0.1 (the `gcp-storage-emulator` package of the [test] extra).
 
   Yields its endpoint, with STORAGE_EMULATOR_HOST set in this process (and so in
   the subprocesses the tests start); stopped and the variable restored afterwards.
-  Buckets live in memory: a test makes its own with `make_bucket`.
+  Buckets live in memory: a test makes its own with `gcs_bucket`.
   """
   pytest.importorskip("gcp_storage_emulator")
   with socket.socket() as s:
@@ -85,10 +111,15 @@ _EMULATOR_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
                        "CLOUD_STORAGE_EMULATOR_ENDPOINT", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
-def make_bucket(endpoint: str, name: str) -> str:
-  """Creates bucket `name` in the emulator; returns "gs://name"."""
-  request = urllib.request.Request(
-      endpoint + "/storage/v1/b", data=json.dumps({"name": name}).encode(),
-      headers={"Content-Type": "application/json"}, method="POST")
-  urllib.request.urlopen(request, timeout=10).read()
-  return f"gs://{name}"
+@pytest.fixture(scope="session")
+def gcs_bucket(gcs_emulator):
+  """make(name) creates bucket `name` in the emulator and returns "gs://name"."""
+
+  def make(name: str) -> str:
+    request = urllib.request.Request(
+        gcs_emulator + "/storage/v1/b", data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10).read()
+    return f"gs://{name}"
+
+  return make

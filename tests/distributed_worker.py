@@ -22,9 +22,9 @@ def main():
                              num_processes=int(num_processes), process_id=int(process_id),
                              initialization_timeout=120)
   assert jax.device_count() == 4 * int(num_processes), jax.devices()
-  from tests.test_multiprocess import tiny_config  # noqa: E402
+  from tests.runs import multiprocess_config  # noqa: E402
   from moe_embed.train import trainer  # noqa: E402
-  trainer.train_and_evaluate(tiny_config(data_dir), workdir)
+  trainer.train_and_evaluate(multiprocess_config(data_dir), workdir)
   jax.distributed.shutdown()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moe_embed.data import consistency, jsonl
+from tests.records import pair_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,17 +42,10 @@ PAIRS = [
 SWAPPED = (1, 4, 7, 10)  # Each of these queries gets the next one's document.
 
 
-def _records(n=60, docs=40, seed=0):
-  """Pairs over three sources of different sizes (one below the pool size), shared documents."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    source = "big" if i % 3 else ("small" if i % 2 else "mid")
-    out.append({"query": f"query {i}", "document": f"doc {rng.integers(docs)}",
-                "negatives": [], "source": source})
-  out.append({"query": "query x", "document": "doc x", "negatives": [], "source": "tiny"})
-  out.append({"query": "query y", "document": "doc y", "negatives": [], "source": "tiny"})
-  return out
+def _pooled_records():
+  """Three sources of different sizes sharing 40 documents, and one below the pool size."""
+  return (pair_records({"big": 40, "mid": 10, "small": 10}, documents=40)
+          + pair_records({"tiny": 2}))
 
 
 def _reference_kept(records, queries, documents, pools, k):
@@ -73,7 +67,7 @@ def _reference_kept(records, queries, documents, pools, k):
 
 
 def test_pools_hold_the_own_document_and_random_distinct_documents_of_its_source():
-  records = _records()
+  records = _pooled_records()
   pools = consistency.plan_pools(records, pool_size=6, seed=0)
   seen = sorted(i for pool in pools for i in pool.pairs)
   assert seen == list(range(len(records)))  # Every pair ranked exactly once.
@@ -94,7 +88,7 @@ def test_pools_hold_the_own_document_and_random_distinct_documents_of_its_source
 
 
 def test_kept_pairs_equal_a_numpy_ranking_with_ties_against_the_pair():
-  records = _records()
+  records = _pooled_records()
   rng = np.random.default_rng(1)
   # Small integers: exact scores, so ties are frequent and compare exactly.
   queries = rng.integers(-2, 3, (len(records), 4)).astype(np.float32)
@@ -122,7 +116,7 @@ def test_ties_count_against_the_positive():
 
 
 def test_shards_together_equal_one_process_and_the_embedder_path_agrees():
-  records = _records()
+  records = _pooled_records()
   rng = np.random.default_rng(2)
   table = {}
   for r in records:
@@ -149,7 +143,7 @@ def test_shards_together_equal_one_process_and_the_embedder_path_agrees():
 
 
 def test_argument_and_embedding_errors():
-  records = _records()
+  records = _pooled_records()
   x = np.zeros((len(records), 4), np.float32)
   with pytest.raises(ValueError, match="below pool_size"):
     consistency.filter_embedded(records, x, x, k=6, pool_size=6)

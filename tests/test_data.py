@@ -1,6 +1,5 @@
 """Data: JSONL validation, dataset round trip, per-source batches, exact multi-host resume."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -13,41 +12,22 @@ import pytest
 from moe_embed import data
 from moe_embed.data import corpus_stdlib, dataset, jsonl
 from moe_embed.tokenizers import train_sentencepiece
+from tests.records import pair_records, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _records(n_per_source, negatives=0):
-  rows = []
-  for s, n in n_per_source.items():
-    for i in range(n):
-      rows.append({"query": f"{s} question number {i} about sorting",
-                   "document": f"{s} answer {i}: use sorted() with a key function {i * 7}",
-                   "negatives": [f"{s} wrong answer {i}-{j}" for j in range(negatives)],
-                   "source": s})
-  return rows
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  texts = [t for r in _records({"a": 200, "b": 200}, 2) for t in (r["query"], r["document"])]
+  texts = [t for r in pair_records({"a": 200, "b": 200}, 2) for t in (r["query"], r["document"])]
   return train_sentencepiece(texts * 3, 200, str(tmp_path_factory.mktemp("tok") / "spm"))
 
 
-def _write_jsonl(path, rows, extra_lines=()):
-  opener = gzip.open if str(path).endswith(".gz") else open
-  with opener(path, "wt") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-    for line in extra_lines:
-      f.write(line + "\n")
-
-
 def test_prepare_counts_duplicates_and_malformed_lines(tmp_path):
-  rows = _records({"a": 30, "b": 20}, negatives=2)
-  _write_jsonl(tmp_path / "one.jsonl", rows[:25] + rows[:5],
-               extra_lines=["{not json", json.dumps({"query": "only a query"}), "[1, 2]"])
-  _write_jsonl(tmp_path / "two.jsonl.gz", rows[25:])
+  rows = pair_records({"a": 30, "b": 20}, negatives=2)
+  write_jsonl(tmp_path / "one.jsonl", rows[:25] + rows[:5],
+              extra_lines=["{not json", json.dumps({"query": "only a query"}), "[1, 2]"])
+  write_jsonl(tmp_path / "two.jsonl.gz", rows[25:])
   (tmp_path / "notes.txt").write_text("not an input\n")
   info, report = data.prepare(str(tmp_path), str(tmp_path / "out"))
   assert report.skipped_files == [str(tmp_path / "notes.txt")]  # Reported, not read.
@@ -67,8 +47,8 @@ def test_prepare_counts_duplicates_and_malformed_lines(tmp_path):
 
 def test_dataset_is_a_tfds_dataset_and_empty_input_is_an_error(tmp_path):
   import tensorflow_datasets as tfds
-  rows = _records({"p": 6, "q-r": 4}, negatives=1)
-  _write_jsonl(tmp_path / "in.jsonl", rows)
+  rows = pair_records({"p": 6, "q-r": 4}, negatives=1)
+  write_jsonl(tmp_path / "in.jsonl", rows)
   info, _ = data.prepare(str(tmp_path / "in.jsonl"), str(tmp_path / "out"))
   assert {s: e["split"] for s, e in info["sources"].items()} == {"p": "p", "q-r": "q_r"}
   splits = tfds.data_source("contrastive_pairs", data_dir=str(tmp_path / "out" / "tfds"))
@@ -76,14 +56,14 @@ def test_dataset_is_a_tfds_dataset_and_empty_input_is_an_error(tmp_path):
   assert splits["q_r"][2] == {"query": rows[8]["query"].encode(),
                               "document": rows[8]["document"].encode(),
                               "negatives": [rows[8]["negatives"][0].encode()]}
-  _write_jsonl(tmp_path / "bad.jsonl", [], extra_lines=["{", '{"query": "q"}'])
+  write_jsonl(tmp_path / "bad.jsonl", [], extra_lines=["{", '{"query": "q"}'])
   with pytest.raises(ValueError, match=r"No valid records.*first: .*bad.jsonl:1: invalid JSON"):
     data.prepare(str(tmp_path / "bad.jsonl"), str(tmp_path / "empty"))
 
 
 def test_prepare_data_launcher(tmp_path):
-  _write_jsonl(tmp_path / "in.jsonl", _records({"x": 40, "y": 30}),
-               extra_lines=['{"query": 1}'])
+  write_jsonl(tmp_path / "in.jsonl", pair_records({"x": 40, "y": 30}),
+              extra_lines=['{"query": 1}'])
   proc = subprocess.run([sys.executable, "launch/prepare_data.py", f"--input={tmp_path}/in.jsonl",
                          f"--output={tmp_path}/ds", "--train_tokenizer_vocab=120",
                          "--max_query_len=4", "--max_doc_len=512",
@@ -149,10 +129,10 @@ def test_on_an_object_store_dataset_info_is_written_last(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("ds")
-  rows = _records({"a": 90, "b": 45, "c": 30}, negatives=0)
-  rows += _records({"hard": 40}, negatives=3)
+  rows = pair_records({"a": 90, "b": 45, "c": 30}, negatives=0)
+  rows += pair_records({"hard": 40}, negatives=3)
   rows[-1]["negatives"] = rows[-1]["negatives"][:1]
-  _write_jsonl(tmp / "in.jsonl", rows)
+  write_jsonl(tmp / "in.jsonl", rows)
   data.prepare(str(tmp / "in.jsonl"), str(tmp / "out"))
   return str(tmp / "out")
 
@@ -207,7 +187,7 @@ def test_hard_negatives_only_from_sources_that_have_them(ds, tokenizer):
     first = _decode(tokenizer, batch["query_ids"][0])
     neg = _decode(tokenizer, batch["neg_ids"][0, 0])
     assert first.split()[1] == "hard" and "wrong answer" in neg
-    i = first.split()[4]
+    i = first.split()[3]
     assert neg.startswith(f"d: hard wrong answer {i}")  # Its own negatives, first first.
 
 
@@ -215,8 +195,8 @@ def test_optional_negatives_are_used_where_the_data_has_them(ds, tokenizer, tmp_
   """negatives_required=False (the tiny configs): negatives if any source has them, else none."""
   it = _iterator(ds, tokenizer, num_negatives=2, negatives_required=False, prefetch=0)
   assert next(it)["neg_ids"].shape == (8, 2, 48)
-  rows = _records({"a": 20}, negatives=0)
-  _write_jsonl(tmp_path / "pairs.jsonl", rows)
+  rows = pair_records({"a": 20}, negatives=0)
+  write_jsonl(tmp_path / "pairs.jsonl", rows)
   data.prepare(str(tmp_path / "pairs.jsonl"), str(tmp_path / "pairs"))
   plain = _iterator(str(tmp_path / "pairs"), tokenizer, num_negatives=2,
                     negatives_required=False, prefetch=0)

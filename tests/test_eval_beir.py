@@ -14,32 +14,14 @@ import pytest
 
 from moe_embed import evaluation
 from moe_embed.evaluation import beir
+from tests.beir_folders import one_pair_beir, write_beir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADER = "query-id\tcorpus-id\tscore\n"
-
-
-def _write(folder, corpus, queries, qrels, *, header=HEADER):
-  """corpus / queries: lists of dicts or raw lines; qrels: list of 'q<TAB>d<TAB>s' lines."""
-  os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
-  for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
-    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-  with open(os.path.join(folder, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
-    f.write(header + "".join(line + "\n" for line in qrels))
-  return str(folder)
-
-
-def _simple(folder):
-  return _write(folder, [{"_id": "d1", "text": "x"}], [{"_id": "q1", "text": "y"}], ["q1\td1\t1"])
-
-
 # --- loading -----------------------------------------------------------------------------
 
 
 def test_document_text_joins_title_and_text_as_beir_does(tmp_path):
-  folder = _write(tmp_path, [
+  folder = write_beir(tmp_path, [
       {"_id": "d1", "title": "Title", "text": "body"},
       {"_id": "d2", "title": "", "text": "no title"},
       {"_id": "d3", "text": "  missing title  "},
@@ -55,10 +37,10 @@ def test_document_text_joins_title_and_text_as_beir_does(tmp_path):
 
 
 def test_only_queries_with_a_relevant_document_are_encoded(tmp_path):
-  folder = _write(tmp_path, [{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}],
-                  [{"_id": "q1", "text": "x"}, {"_id": "q2", "text": "y"},
+  folder = write_beir(tmp_path, [{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}],
+                      [{"_id": "q1", "text": "x"}, {"_id": "q2", "text": "y"},
                    {"_id": "q3", "text": "unjudged"}],
-                  ["q1\td1\t1", "q2\td2\t0", "q2\td1\t-1"])
+                      ["q1\td1\t1", "q2\td2\t0", "q2\td1\t-1"])
   data = beir.load_beir(folder)
   assert data.query_ids == ["q1"]
   assert data.qrels == {"q1": {"d1": 1}, "q2": {"d2": 0, "d1": -1}}
@@ -68,8 +50,8 @@ def test_only_queries_with_a_relevant_document_are_encoded(tmp_path):
 
 
 def test_qrels_header_is_optional(tmp_path):
-  folder = _write(tmp_path, [{"_id": "d1", "text": "a"}], [{"_id": "q1", "text": "x"}],
-                  ["q1\td1\t2"], header="")
+  folder = write_beir(tmp_path, [{"_id": "d1", "text": "a"}], [{"_id": "q1", "text": "x"}],
+                      ["q1\td1\t2"], header="")
   assert beir.load_beir(folder).qrels == {"q1": {"d1": 2}}
 
 
@@ -77,12 +59,12 @@ def test_missing_folder_and_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="BEIR folder .*nope does not exist"):
     beir.load_beir(str(tmp_path / "nope"))
   for name in ("corpus.jsonl", "queries.jsonl", os.path.join("qrels", "test.tsv")):
-    folder = _simple(tmp_path / name.replace(os.sep, "_"))
+    folder = one_pair_beir(tmp_path / name.replace(os.sep, "_"))
     os.remove(os.path.join(folder, name))
     with pytest.raises(FileNotFoundError, match=f"{name} is missing"):
       beir.load_beir(folder)
   with pytest.raises(FileNotFoundError, match="dev.tsv is missing"):
-    beir.load_beir(_simple(tmp_path / "split"), split="dev")
+    beir.load_beir(one_pair_beir(tmp_path / "split"), split="dev")
 
 
 @pytest.mark.parametrize("file,lines,message", [
@@ -110,13 +92,13 @@ def test_malformed_lines_are_named_with_their_line_number(tmp_path, file, lines,
     queries = lines
   else:
     qrels = lines
-  folder = _write(tmp_path, corpus, queries, qrels)
+  folder = write_beir(tmp_path, corpus, queries, qrels)
   with pytest.raises(beir.BeirFormatError, match=message):
     beir.load_beir(folder)
 
 
 def test_unknown_ids_empty_texts_and_repeats_are_counted_and_reported(tmp_path):
-  folder = _write(tmp_path, [
+  folder = write_beir(tmp_path, [
       {"_id": "d1", "text": "a"}, {"_id": "d2", "text": "  "}, {"_id": "d1", "text": "a2"}],
       [{"_id": "q1", "text": ""}, {"_id": "q2", "text": "y"}],
       ["q1\td1\t1", "q1\tghost\t1", "qx\td2\t1", "qy\tghost\t1", "q2\td2\t1", "q2\td2\t2"])
@@ -165,7 +147,7 @@ def _toy_folder(path):
   queries = [{"_id": "q1", "text": "cat"}, {"_id": "q2", "text": "dog"},
              {"_id": "q3", "text": "fish"}, {"_id": "q4", "text": "no relevant"}]
   qrels = ["q1\td1\t2", "q1\td4\t1", "q2\td2\t1", "q3\td4\t1", "q4\td1\t0"]
-  return _write(path, corpus, queries, qrels)
+  return write_beir(path, corpus, queries, qrels)
 
 
 TABLE = {  # Encoder outputs; evaluate_beir normalises them.
@@ -252,7 +234,7 @@ def test_average_is_the_unweighted_mean_over_folders(tmp_path):
 
 def test_bad_folder_fails_before_anything_is_encoded(tmp_path):
   good = _toy_folder(tmp_path / "good")
-  bad = _simple(tmp_path / "bad")
+  bad = one_pair_beir(tmp_path / "bad")
   with open(os.path.join(bad, "queries.jsonl"), "a") as f:
     f.write("{not json\n")
   encoder = TableEncoder(TABLE)
@@ -273,7 +255,7 @@ def test_encoder_returning_wrong_shapes_or_nan_is_reported(tmp_path):
 
 
 def test_launcher_reports_a_malformed_folder_before_loading_the_model(tmp_path):
-  bad = _simple(tmp_path / "bad")
+  bad = one_pair_beir(tmp_path / "bad")
   with open(os.path.join(bad, "qrels", "test.tsv"), "a") as f:
     f.write("q1\td1\n")
   proc = subprocess.run(

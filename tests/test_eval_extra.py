@@ -16,21 +16,12 @@ import pytest
 from moe_embed import evaluation, inference
 from moe_embed.evaluation import beir
 from moe_embed.io import model_folder
+from tests.beir_folders import docstring_beir, write_beir
 from tests.reference_models import minilm_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("sort list key value file read write path string split join number float round "
          "date time zone parse json dump load socket send receive thread lock queue").split()
-
-
-def _write(folder, corpus, queries, qrels):
-  os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
-  for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
-    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-  with open(os.path.join(folder, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
-    f.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels))
-  return str(folder)
 
 
 def _word_folder(folder, seed, num_docs=60, num_queries=20):
@@ -43,7 +34,7 @@ def _word_folder(folder, seed, num_docs=60, num_queries=20):
     queries.append({"_id": f"q{i}", "text": " ".join(words)})
     qrels += [(f"q{i}", f"d{i}", 2), (f"q{i}", f"d{i + num_queries}", 1)]
   corpus = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(docs)]
-  return _write(folder, corpus, queries, qrels)
+  return write_beir(folder, corpus, queries, qrels)
 
 
 class BagEncoder:
@@ -93,10 +84,10 @@ def test_chunked_documents_give_the_same_run_as_one_chunk(tmp_path):
 
 def test_a_folder_without_a_scorable_query_is_reported_and_not_averaged(tmp_path):
   good = _word_folder(tmp_path / "good", seed=2)
-  no_queries = _write(tmp_path / "no_queries", [{"_id": "d1", "text": "sort list"}], [],
-                      [("q1", "d1", 1)])
-  unknown = _write(tmp_path / "unknown", [{"_id": "d1", "text": "sort list"}],
-                   [{"_id": "q1", "text": "sort"}], [("q9", "d1", 1), ("q1", "d9", 1)])
+  no_queries = write_beir(tmp_path / "no_queries", [{"_id": "d1", "text": "sort list"}], [],
+                          [("q1", "d1", 1)])
+  unknown = write_beir(tmp_path / "unknown", [{"_id": "d1", "text": "sort list"}],
+                       [{"_id": "q1", "text": "sort"}], [("q9", "d1", 1), ("q1", "d9", 1)])
   out = evaluation.evaluate_beir(BagEncoder(), [good, no_queries, unknown])
   for name in ("no_queries", "unknown"):
     row = out[name]
@@ -241,14 +232,8 @@ def test_routing_per_folder_sums_queries_and_documents(moe_embedder, tmp_path):
 @pytest.fixture(scope="module")
 def docstring_folder(tmp_path_factory):
   """A BEIR folder of standard-library docstrings: summary line -> rest of the docstring."""
-  from tests.test_eval_minilm import _docstring_pairs
-  pairs = list(_docstring_pairs())[:90]
-  folder = tmp_path_factory.mktemp("mteb") / "stdlib_docs"
-  corpus = [{"_id": f"doc{i}", "title": module if i % 2 else "", "text": rest}
-            for i, (module, _, _, rest) in enumerate(pairs)]
-  queries = [{"_id": f"query{i}", "text": summary} for i, (_, _, summary, _) in
-             enumerate(pairs[:80])]
-  return _write(folder, corpus, queries, [(f"query{i}", f"doc{i}", 1) for i in range(80)])
+  return docstring_beir(tmp_path_factory.mktemp("mteb") / "stdlib_docs", num_queries=80,
+                        num_docs=90)
 
 
 def test_mteb_retrieval_task_scores_equal_our_beir_evaluator(moe_embedder, docstring_folder):
@@ -320,7 +305,8 @@ def test_launcher_dims_routing_and_languages(moe_embedder, tmp_path):
   root = tmp_path / "langs"
   for seed, lang in enumerate(("de", "en")):
     _word_folder(root / lang, seed=20 + seed, num_docs=30, num_queries=10)
-  empty = _write(tmp_path / "empty", [{"_id": "d1", "text": "sort list"}], [], [("q1", "d1", 1)])
+  empty = write_beir(tmp_path / "empty", [{"_id": "d1", "text": "sort list"}], [],
+                     [("q1", "d1", 1)])
   out = tmp_path / "r.json"
   proc = _eval(f"--model={model}", "--dims=768", f"--beir={root}")
   assert proc.returncode != 0 and "Matryoshka width dims=768 must be" in proc.stderr

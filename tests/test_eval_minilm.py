@@ -4,9 +4,6 @@ pytrec_eval, then the same folder through moe_embed.inference and launch/eval.py
 
 from __future__ import annotations
 
-import ast
-import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -17,60 +14,26 @@ import pytest
 
 from moe_embed import evaluation
 from moe_embed.evaluation import beir, metrics
+from tests.beir_folders import docstring_beir
 from tests.reference_models import minilm_folder
 
 pytestmark = pytest.mark.torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("textwrap", "string", "shutil", "tempfile", "argparse", "csv", "difflib", "calendar",
-           "statistics", "fractions", "heapq", "bisect", "functools", "json.decoder",
-           "json.encoder", "pathlib", "random", "glob", "fnmatch", "gettext", "locale",
-           "posixpath", "zipfile", "tarfile", "configparser", "logging", "subprocess", "inspect",
-           "dataclasses", "enum", "ipaddress", "uuid", "base64", "http.cookiejar", "smtplib")
 NUM_DOCS = 200  # Documents with a query; a few unjudged distractors follow.
-
-
-def _docstring_pairs():
-  """(module, name, summary line, rest of the docstring) of documented functions."""
-  seen_q, seen_d = set(), set()
-  for module in MODULES:
-    source = inspect.getsource(importlib.import_module(module))
-    for node in ast.walk(ast.parse(source)):
-      if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-        continue
-      doc = ast.get_docstring(node)
-      if not doc:
-        continue
-      summary, _, rest = inspect.cleandoc(doc).partition("\n")
-      summary, rest = " ".join(summary.split()), " ".join(rest.split())
-      if len(summary.split()) < 4 or len(rest.split()) < 12:
-        continue
-      if summary in seen_q or rest in seen_d:
-        continue
-      seen_q.add(summary)
-      seen_d.add(rest)
-      yield module, node.name, summary, rest[:300].strip()
 
 
 @pytest.fixture(scope="module")
 def stdlib_beir(tmp_path_factory):
   """A BEIR folder: summary line -> the rest of its docstring (title = module on odd docs)."""
-  pairs = list(_docstring_pairs())
-  assert len(pairs) >= NUM_DOCS + 20, len(pairs)
-  folder = tmp_path_factory.mktemp("beir") / "stdlib_docs"
-  os.makedirs(folder / "qrels")
+  folder = docstring_beir(tmp_path_factory.mktemp("beir") / "stdlib_docs",
+                          num_queries=NUM_DOCS, num_docs=NUM_DOCS + 20)
   expected_texts = {}
-  with open(folder / "corpus.jsonl", "w") as fc, open(folder / "queries.jsonl", "w") as fq, \
-      open(folder / "qrels" / "test.tsv", "w") as fr:
-    fr.write("query-id\tcorpus-id\tscore\n")
-    for i, (module, _, summary, rest) in enumerate(pairs[:NUM_DOCS + 20]):
-      title = module if i % 2 else ""
-      fc.write(json.dumps({"_id": f"doc{i}", "title": title, "text": rest}) + "\n")
-      expected_texts[f"doc{i}"] = f"{title} {rest}" if title else rest
-      if i < NUM_DOCS:
-        fq.write(json.dumps({"_id": f"query{i}", "text": summary}) + "\n")
-        fr.write(f"query{i}\tdoc{i}\t1\n")
-  return str(folder), expected_texts
+  with open(os.path.join(folder, "corpus.jsonl")) as f:
+    for line in f:
+      doc = json.loads(line)
+      expected_texts[doc["_id"]] = f"{doc['title']} {doc['text']}" if doc["title"] else doc["text"]
+  return folder, expected_texts
 
 
 @pytest.fixture(scope="module")

@@ -9,57 +9,24 @@ it resumed the workdir to step 4 (reference.json).
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
-import pytest
 
-from configs import finetune
 from moe_embed import inference
 from moe_embed.io import model_folder
 from moe_embed.train import trainer
-
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "workdir_v0")
-
-
-def _config(root):
-  """The config the fixture's workdir was trained with."""
-  c = finetune.get_config("tiny")
-  c.data = os.path.join(root, "data")
-  c.encoder.vocab_size = 256
-  c.encoder.hidden_size = 16
-  c.encoder.num_heads = 2
-  c.encoder.mlp_dim = 32
-  c.encoder.num_layers = 2
-  c.encoder.num_experts = 4
-  c.batch_size = 8
-  c.input.max_query_len = 16
-  c.input.max_doc_len = 24
-  c.total_steps = 4
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 100
-  c.keep_checkpoints = 1
-  c.optimizer.warmup_steps = 1
-  c.eval.enabled = False
-  return c
+from tests.runs import fixture_config
 
 
-@pytest.fixture
-def old(tmp_path):
-  root = str(tmp_path / "v0")
-  shutil.copytree(FIXTURE, root)
-  return root
-
-
-def test_old_workdir_resumes_to_the_same_losses(old):
-  workdir = os.path.join(old, "workdir")
+def test_old_workdir_resumes_to_the_same_losses(workdir_v0):
+  workdir = os.path.join(workdir_v0, "workdir")
   before, _, _ = model_folder.load_workdir(workdir)
-  out = trainer.train_and_evaluate(_config(old), workdir)
+  out = trainer.train_and_evaluate(fixture_config(workdir_v0), workdir)
   assert out["step"] == 4
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   losses = {str(r["step"]): r["loss"] for r in rows if "loss" in r}
-  want = json.load(open(os.path.join(old, "reference.json")))["resumed_losses"]
+  want = json.load(open(os.path.join(workdir_v0, "reference.json")))["resumed_losses"]
   for step, loss in want.items():
     np.testing.assert_allclose(losses[step], loss, rtol=1e-5, err_msg=f"step {step}")
   # The resumed run moved the parameters, and rewrote model.json in the current format.
@@ -73,9 +40,9 @@ def test_old_workdir_resumes_to_the_same_losses(old):
   assert meta["max_length"] == config.max_position_embeddings  # The model's own limit.
 
 
-def test_old_native_folder_loads_the_same_parameters(old):
-  from_native, config, meta = model_folder.load_any(os.path.join(old, "native"))
-  from_workdir, workdir_config, _ = model_folder.load_any(os.path.join(old, "workdir"))
+def test_old_native_folder_loads_the_same_parameters(workdir_v0):
+  from_native, config, meta = model_folder.load_any(os.path.join(workdir_v0, "native"))
+  from_workdir, workdir_config, _ = model_folder.load_any(os.path.join(workdir_v0, "workdir"))
   assert config == workdir_config
   assert meta["query_prefix"] == "search_query: " and meta["max_length"] == 64
   flat_a = jax.tree_util.tree_leaves_with_path(from_native)
@@ -83,7 +50,7 @@ def test_old_native_folder_loads_the_same_parameters(old):
   assert len(flat_a) == len(flat_b)
   for (path, a), b in zip(flat_a, flat_b):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-  embedder = inference.load_embedder(os.path.join(old, "native"))
+  embedder = inference.load_embedder(os.path.join(workdir_v0, "native"))
   emb = embedder.encode(["def sort(items): return sorted(items)"], prefix="query",
                         show_progress=False)
   assert emb.shape == (1, 16) and np.isclose(np.linalg.norm(emb), 1.0, rtol=1e-5)

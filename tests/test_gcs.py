@@ -9,52 +9,23 @@ folder that must hold nothing named `gs:` afterwards.
 import json
 import os
 import subprocess
-import sys
 
 from etils import epath
 import numpy as np
 import pytest
 
 from moe_embed import cli, storage
-from tests.conftest import make_bucket
-from tests.test_formats import FIXTURE
+from tests.beir_folders import write_beir
+from tests.runs import FIXTURE_DATA, REPO, SMALL, launch, losses, one_line_error
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(FIXTURE, "data", "tokenizer.model")
-
-# The fixture workdir's model size, so that a run takes seconds.
-SMALL = ["--config.encoder.vocab_size=256", "--config.encoder.hidden_size=16",
-         "--config.encoder.num_heads=2", "--config.encoder.mlp_dim=32",
-         "--config.encoder.num_layers=2", "--config.encoder.num_experts=4",
-         "--config.batch_size=8", "--config.input.max_query_len=16",
-         "--config.input.max_doc_len=24", "--config.total_steps=4",
-         "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-         "--config.optimizer.warmup_steps=1", "--config.eval.at_start=False",
-         "--config.eval.batch_size=8", "--config.eval.max_length=24"]
-
+TOKENIZER = os.path.join(FIXTURE_DATA, "tokenizer.model")
 TOPICS = ["python lists", "tensor shapes", "bucket storage", "expert routing", "sparse models",
           "unit tests", "file paths", "random seeds"]
-
-
-def _launch(script, *args, cwd, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=REPO)
-  env.pop(cli.TRACEBACK_ENV, None)
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(proc):
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
-
-
-def _one_line_error(proc, *needles):
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith(("Error", "Config error"))]
-  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  for needle in needles:
-    assert needle in lines[0], lines[0]
 
 
 def _no_local_gs(*roots):
@@ -81,39 +52,28 @@ def _upload(local: str, remote: str) -> None:
 def _beir(root: str) -> None:
   """A small BEIR folder under `root` (local or gs://)."""
   pairs = _pairs(16)
-  base = epath.Path(root)
-  base.mkdir(parents=True, exist_ok=True)
-  (base / "corpus.jsonl").write_text("".join(
-      json.dumps({"_id": f"d{i}", "text": p["document"]}) + "\n" for i, p in enumerate(pairs)))
-  (base / "queries.jsonl").write_text("".join(
-      json.dumps({"_id": f"q{i}", "text": p["query"]}) + "\n" for i, p in enumerate(pairs)))
-  (base / "qrels").mkdir(exist_ok=True)
-  (base / "qrels" / "test.tsv").write_text(
-      "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(16)))
-
-
-def _losses(workdir):
-  rows = [json.loads(l) for l in epath.Path(workdir, "metrics.jsonl").read_text().splitlines()]
-  return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  write_beir(root, [{"_id": f"d{i}", "text": p["document"]} for i, p in enumerate(pairs)],
+             [{"_id": f"q{i}", "text": p["query"]} for i, p in enumerate(pairs)],
+             [(f"q{i}", f"d{i}", 1) for i in range(16)])
 
 
 @pytest.fixture(scope="module")
-def pod(gcs_emulator, tmp_path_factory):
+def pod(gcs_bucket, tmp_path_factory):
   """A bucket with a dataset prepared into it and a run trained, stopped and resumed there."""
-  bucket = make_bucket(gcs_emulator, "pod-flow")
+  bucket = gcs_bucket("pod-flow")
   scratch = tmp_path_factory.mktemp("pod")
   pairs = scratch / "pairs.jsonl"
   pairs.write_text("".join(json.dumps(p) + "\n" for p in _pairs()) + "not json\n")
   data = f"{bucket}/data"
-  prep = _ok(_launch("prepare_data.py", f"--input={pairs}", f"--output={data}",
+  prep = _ok(launch("prepare_data.py", f"--input={pairs}", f"--output={data}",
                      f"--tokenizer={TOKENIZER}", cwd=scratch))
   _beir(f"{bucket}/beir")
   run = f"{bucket}/runs/ft"
   args = ["--config=configs/finetune.py:tiny", f"--config.data={data}",
           f"--config.eval.beir={bucket}/beir", *SMALL]
-  first = _launch("train.py", *args, f"--workdir={run}", "--stop_at_step=2", cwd=scratch)
-  second = _ok(_launch("train.py", *args, f"--workdir={run}", cwd=scratch))
-  straight = _ok(_launch("train.py", *args, f"--workdir={scratch / 'local_run'}", cwd=scratch))
+  first = launch("train.py", *args, f"--workdir={run}", "--stop_at_step=2", cwd=scratch)
+  second = _ok(launch("train.py", *args, f"--workdir={run}", cwd=scratch))
+  straight = _ok(launch("train.py", *args, f"--workdir={scratch / 'local_run'}", cwd=scratch))
   return dict(bucket=bucket, scratch=scratch, data=data, run=run, prep=prep, first=first,
               second=second, straight=straight)
 
@@ -127,7 +87,7 @@ def test_prepare_writes_the_dataset_to_the_bucket(pod):
 
 def test_train_stopped_and_resumed_on_gcs_equals_an_uninterrupted_local_run(pod):
   assert pod["first"].returncode == cli.EXIT_PREEMPTED, pod["first"].stderr[-3000:]
-  got, want = _losses(pod["run"]), _losses(pod["scratch"] / "local_run")
+  got, want = losses(pod["run"]), losses(pod["scratch"] / "local_run")
   assert [s for s, _ in got] == [1, 2, 3, 4]
   np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
   run = epath.Path(pod["run"])
@@ -141,9 +101,9 @@ def test_train_stopped_and_resumed_on_gcs_equals_an_uninterrupted_local_run(pod)
 
 def test_eval_encode_upcycle_and_export_read_and_write_the_bucket(pod):
   bucket, scratch, run = pod["bucket"], pod["scratch"], pod["run"]
-  _ok(_launch("eval.py", f"--model={run}", f"--beir={bucket}/beir",
+  _ok(launch("eval.py", f"--model={run}", f"--beir={bucket}/beir",
               f"--output={bucket}/eval/results.json", "--batch_size=8", cwd=scratch))
-  _ok(_launch("eval.py", f"--model={scratch / 'local_run'}", f"--beir={bucket}/beir",
+  _ok(launch("eval.py", f"--model={scratch / 'local_run'}", f"--beir={bucket}/beir",
               f"--output={scratch / 'results.json'}", "--batch_size=8", cwd=scratch))
   got = json.loads(epath.Path(bucket, "eval", "results.json").read_text())
   want = json.loads((scratch / "results.json").read_text())
@@ -151,7 +111,7 @@ def test_eval_encode_upcycle_and_export_read_and_write_the_bucket(pod):
 
   texts = epath.Path(bucket, "texts.txt")
   texts.write_text("bucket storage notes\nexpert routing\n")
-  _ok(_launch("encode.py", f"--model={run}", f"--input={texts}",
+  _ok(launch("encode.py", f"--model={run}", f"--input={texts}",
               f"--output={bucket}/emb.npy", cwd=scratch))
   with epath.Path(bucket, "emb.npy").open("rb") as f:
     vectors = np.load(f)
@@ -166,9 +126,9 @@ def test_eval_encode_upcycle_and_export_read_and_write_the_bucket(pod):
   model_folder.save_model_folder(
       f"{bucket}/dense", nn.meta.unbox(init_params(dense, jax.random.key(0))), dense,
       tokenizer_path=TOKENIZER)
-  _ok(_launch("upcycle.py", f"--model={bucket}/dense", f"--out={bucket}/upcycled",
+  _ok(launch("upcycle.py", f"--model={bucket}/dense", f"--out={bucket}/upcycled",
               "--num_experts=2", cwd=scratch))
-  _ok(_launch("upcycle.py", f"--model={bucket}/dense", f"--out={scratch / 'upcycled'}",
+  _ok(launch("upcycle.py", f"--model={bucket}/dense", f"--out={scratch / 'upcycled'}",
               "--num_experts=2", cwd=scratch))
   a, config, _ = model_folder.load_any(f"{bucket}/upcycled")
   b, _, _ = model_folder.load_any(str(scratch / "upcycled"))
@@ -176,35 +136,35 @@ def test_eval_encode_upcycle_and_export_read_and_write_the_bucket(pod):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
-  _ok(_launch("export.py", f"--model={run}", f"--out={bucket}/exported", cwd=scratch))
+  _ok(launch("export.py", f"--model={run}", f"--out={bucket}/exported", cwd=scratch))
   assert epath.Path(bucket, "exported", "model.safetensors").exists()
   _no_local_gs(scratch, REPO)
 
 
 def test_missing_bucket_or_object_is_one_line_naming_the_path(pod):
   scratch = pod["scratch"]
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny", *SMALL,
+  proc = launch("train.py", "--config=configs/finetune.py:tiny", *SMALL,
                  f"--config.data={pod['data']}", "--workdir=gs://no-such-bucket/run",
                  cwd=scratch)
-  _one_line_error(proc, "gs://no-such-bucket")
-  proc = _launch("eval.py", f"--model={pod['bucket']}/no/such/model",
+  one_line_error(proc, "gs://no-such-bucket")
+  proc = launch("eval.py", f"--model={pod['bucket']}/no/such/model",
                  f"--beir={pod['bucket']}/beir", cwd=scratch)
-  _one_line_error(proc, f"{pod['bucket']}/no/such/model")
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny", *SMALL,
+  one_line_error(proc, f"{pod['bucket']}/no/such/model")
+  proc = launch("train.py", "--config=configs/finetune.py:tiny", *SMALL,
                  f"--config.data={pod['bucket']}/no-such-data", "--workdir=/unused",
                  cwd=scratch)
-  _one_line_error(proc, f"{pod['bucket']}/no-such-data")
-  proc = _launch("encode.py", f"--model={pod['run']}", f"--input={pod['bucket']}/nothing.txt",
+  one_line_error(proc, f"{pod['bucket']}/no-such-data")
+  proc = launch("encode.py", f"--model={pod['run']}", f"--input={pod['bucket']}/nothing.txt",
                  f"--output={pod['bucket']}/x.npy", cwd=scratch)
-  _one_line_error(proc, f"{pod['bucket']}/nothing.txt")
+  one_line_error(proc, f"{pod['bucket']}/nothing.txt")
   _no_local_gs(scratch, REPO)
 
 
-def test_model_folder_and_metrics_round_trip_in_process(gcs_emulator, tmp_path):
+def test_model_folder_and_metrics_round_trip_in_process(gcs_bucket, tmp_path):
   from moe_embed.io import model_folder
   from moe_embed.model.config import EncoderConfig
   from moe_embed.train.metric_writer import MetricWriter
-  bucket = make_bucket(gcs_emulator, "in-process")
+  bucket = gcs_bucket("in-process")
   config = EncoderConfig(vocab_size=256, hidden_size=8, num_heads=2, mlp_dim=16, num_layers=1)
   params = {"layer": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4)}}
   model_folder.save_model_folder(f"{bucket}/m", params, config, tokenizer_path=TOKENIZER,
@@ -221,7 +181,7 @@ def test_model_folder_and_metrics_round_trip_in_process(gcs_emulator, tmp_path):
   writer = MetricWriter(f"{bucket}/w", resume_step=2)  # Rows after step 2 are dropped.
   writer.write(3, {"loss": 30.0})
   writer.close()
-  assert _losses(f"{bucket}/w") == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  assert losses(f"{bucket}/w") == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
   with pytest.raises(cli.UserError, match="gs://no-such-bucket"):
     cli.check_output_file("gs://no-such-bucket/out.npy")
@@ -276,10 +236,10 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands_in_order_and_runs_none(tmp_p
 
 
 def test_array_record_files_larger_than_the_readers_first_read_load_from_the_bucket(
-    gcs_emulator, tmp_path):
+    gcs_bucket, tmp_path):
   """ArrayRecord's reader starts with the last MiB of a file (a suffix range)."""
   from array_record.python import array_record_module as ar
-  bucket = make_bucket(gcs_emulator, "records")
+  bucket = gcs_bucket("records")
   local = str(tmp_path / "big.array_record")
   writer = ar.ArrayRecordWriter(local, "group_size:1")
   rng = np.random.default_rng(0)

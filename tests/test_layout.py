@@ -115,3 +115,29 @@ def test_importing_the_trainer_loads_no_tensorflow_datasets():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True, timeout=300)
   assert out.stdout.strip() == "[]", out.stdout[:500]
+
+
+def _is_test_module(module: str) -> bool:
+  """tests.test_x, tests.conftest, or a bare test_x."""
+  parts = module.split(".")
+  if parts[0] == "tests" and len(parts) > 1:
+    return parts[1].startswith("test_") or parts[1] == "conftest"
+  return len(parts) == 1 and parts[0].startswith("test_")
+
+
+def test_no_test_module_imports_another():
+  """Shared fixtures live in conftest.py, shared helpers in plain modules beside the tests."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  bad = []
+  for name in sorted(os.listdir(tests)):
+    if not name.endswith(".py"):
+      continue
+    for node in ast.walk(ast.parse(open(os.path.join(tests, name)).read())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      elif isinstance(node, ast.Import):
+        modules = [a.name for a in node.names]
+      else:
+        continue
+      bad += [f"{name} imports {m}" for m in modules if _is_test_module(m)]
+  assert not bad, bad

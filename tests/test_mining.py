@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moe_embed.data import jsonl, mining
+from tests.beir_folders import write_beir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,14 +183,10 @@ def test_argument_errors(kwargs, message):
 
 
 def _write_beir(folder, docs):
-  os.makedirs(folder / "qrels")
-  with open(folder / "corpus.jsonl", "w") as f:
-    for i, (title, text) in enumerate(docs):
-      f.write(json.dumps({"_id": f"d{i}", "title": title, "text": text}) + "\n")
-  with open(folder / "queries.jsonl", "w") as f:
-    f.write(json.dumps({"_id": "q0", "text": "never a document"}) + "\n")
-  with open(folder / "qrels" / "test.tsv", "w") as f:
-    f.write("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+  """A BEIR folder of (title, text) documents and one query that is none of them."""
+  write_beir(folder, [{"_id": f"d{i}", "title": title, "text": text}
+                      for i, (title, text) in enumerate(docs)],
+             [{"_id": "q0", "text": "never a document"}], [("q0", "d0", 1)])
 
 
 def test_read_corpus_from_jsonl_lines_and_beir_folders(tmp_path):

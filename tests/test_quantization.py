@@ -17,8 +17,8 @@ import pytest
 
 from moe_embed import evaluation
 from moe_embed.evaluation import beir, metrics, quantization
-from tests.test_eval_beir import _write
-from tests.test_formats import FIXTURE
+from tests.beir_folders import write_beir
+from tests.runs import FIXTURE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 44  # Not a multiple of 8: the packed binary's last byte is partial.
@@ -42,7 +42,7 @@ def folder(tmp_path_factory):
   queries = [{"_id": f"q{j}", "text": f"query {j}"} for j in range(12)]
   qrels = [f"q{j}\td{i}\t{1 + (i % 2)}" for j in range(12) for i in range(150)
            if i % 12 == j and i < 80]
-  return beir.load_beir(_write(tmp_path_factory.mktemp("beir"), corpus, queries, qrels))
+  return beir.load_beir(write_beir(tmp_path_factory.mktemp("beir"), corpus, queries, qrels))
 
 
 def _np_quantize(x, precision, ranges):

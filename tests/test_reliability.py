@@ -3,47 +3,20 @@
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from moe_embed import cli, data
+from moe_embed import data
 from moe_embed.io import checkpoints, model_folder
 from moe_embed.train import trainer
-from tests.test_formats import FIXTURE, _config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(FIXTURE, "data")
-
-
-def _launch(script, *args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  env.pop(cli.TRACEBACK_ENV, None)
-  return subprocess.run([sys.executable, f"launch/{script}", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def _one_line_error(proc, *needles):
-  assert proc.returncode == 1, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith(("Error", "Config error",
-                                                                 "Flag error"))]
-  assert len(lines) == 1, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  for needle in needles:
-    assert needle in lines[0], lines[0]
-  return lines[0]
-
-
-def _losses(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+from tests.beir_folders import one_pair_beir
+from tests.runs import FIXTURE, FIXTURE_DATA, fixture_config, launch, losses, one_line_error
 
 
 def test_divergence_stops_without_saving_a_non_finite_state(tmp_path):
-  c = _config(FIXTURE)
+  c = fixture_config(FIXTURE)
   c.optimizer.learning_rate = 1e4
   c.total_steps, c.checkpoint_every_steps, c.keep_checkpoints = 12, 2, 10
   workdir = str(tmp_path / "w")
@@ -52,26 +25,26 @@ def test_divergence_stops_without_saving_a_non_finite_state(tmp_path):
     trainer.train_and_evaluate(c, workdir)
   params, _, meta = model_folder.load_workdir(workdir)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-  assert all(np.isfinite(loss) for _, loss in _losses(workdir))
+  assert all(np.isfinite(loss) for _, loss in losses(workdir))
   assert meta["step"] < 12
 
 
 def test_negative_learning_rate_is_a_config_error(tmp_path):
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
-                 "--config.optimizer.learning_rate=-1e-3", f"--config.data={DATA}")
-  _one_line_error(proc, "optimizer.learning_rate=-0.001 must be positive")
+  proc = launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
+                 "--config.optimizer.learning_rate=-1e-3", f"--config.data={FIXTURE_DATA}")
+  one_line_error(proc, "optimizer.learning_rate=-0.001 must be positive")
 
 
 def test_misspelt_config_field_and_argument_are_one_line(tmp_path):
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
+  proc = launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}",
                  "--config.batch_szie=3")
-  _one_line_error(proc, 'Did you mean "batch_size"')
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny,stpes=5", f"--workdir={tmp_path}")
-  _one_line_error(proc, "Unknown config argument 'stpes'")
+  one_line_error(proc, 'Did you mean "batch_size"')
+  proc = launch("train.py", "--config=configs/finetune.py:tiny,stpes=5", f"--workdir={tmp_path}")
+  one_line_error(proc, "Unknown config argument 'stpes'")
 
 
 def _train(workdir, steps, **overrides):
-  c = _config(FIXTURE)
+  c = fixture_config(FIXTURE)
   c.total_steps = steps
   c.checkpoint_every_steps = 2
   c.keep_checkpoints = 5
@@ -93,7 +66,7 @@ def test_damaged_newest_checkpoint_falls_back_and_the_log_matches_the_state(tmp_
   os.remove(os.path.join(damaged, "checkpoints", "4", "state", "_METADATA"))
   out = _train(damaged, 6)  # Resumes from step 2 and trains steps 3-6 again.
   assert out["step"] == 6
-  got, want = _losses(damaged), _losses(straight)
+  got, want = losses(damaged), losses(straight)
   assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]  # No duplicate rows for replayed steps.
   np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
   assert os.path.isdir(os.path.join(damaged, "checkpoints", "6.damaged"))
@@ -118,14 +91,14 @@ def test_prepare_data_refuses_to_overwrite_and_replaces_whole_with_overwrite(tmp
   src.write_bytes(b"\n".join(json.dumps(r).encode() for r in rows)
                   + b'\n{"query": "caf\xe9", "document": "latin-1 bytes"}\n')
   out = str(tmp_path / "ds")
-  proc = _launch("prepare_data.py", f"--input={src}", f"--output={out}")
+  proc = launch("prepare_data.py", f"--input={src}", f"--output={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "skipped 1 malformed" in proc.stdout and "not valid UTF-8" in proc.stdout
   os.makedirs(os.path.join(out, "heldout"))
-  proc = _launch("prepare_data.py", f"--input={src}", f"--output={out}")
-  _one_line_error(proc, f"{out} already exists", "--overwrite")
+  proc = launch("prepare_data.py", f"--input={src}", f"--output={out}")
+  one_line_error(proc, f"{out} already exists", "--overwrite")
   assert data.dataset.read_info(out)["num_examples"] == 20  # The old dataset still reads.
-  proc = _launch("prepare_data.py", f"--input={src}", f"--output={out}", "--overwrite")
+  proc = launch("prepare_data.py", f"--input={src}", f"--output={out}", "--overwrite")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert not os.path.exists(os.path.join(out, "heldout"))
   assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
@@ -137,8 +110,8 @@ def test_truncated_gzip_input_is_one_line(tmp_path):
       json.dumps({"query": f"q{i}", "document": f"d{i} " * 50}).encode() + b"\n"
       for i in range(200)))
   src.write_bytes(payload[:len(payload) // 2])
-  proc = _launch("prepare_data.py", f"--input={src}", f"--output={tmp_path / 'ds'}")
-  _one_line_error(proc, f"{src} is truncated")
+  proc = launch("prepare_data.py", f"--input={src}", f"--output={tmp_path / 'ds'}")
+  one_line_error(proc, f"{src} is truncated")
   assert not os.path.exists(tmp_path / "ds") and not os.path.exists(tmp_path / "ds.tmp")
 
 
@@ -146,15 +119,15 @@ def test_encode_checks_its_input_and_output_before_the_work(tmp_path):
   model = os.path.join(FIXTURE, "native")
   texts = tmp_path / "texts.txt"
   texts.write_bytes(b"fine\ncaf\xe9\n")
-  proc = _launch("encode.py", f"--model={model}", f"--input={texts}",
+  proc = launch("encode.py", f"--model={model}", f"--input={texts}",
                  f"--output={tmp_path / 'e.npy'}")
-  _one_line_error(proc, f"{texts}:2 is not valid UTF-8")
+  one_line_error(proc, f"{texts}:2 is not valid UTF-8")
   texts.write_text("fine\nalso fine\n")
   blocker = tmp_path / "file"
   blocker.write_text("")
-  proc = _launch("encode.py", f"--model={model}", f"--input={texts}",
+  proc = launch("encode.py", f"--model={model}", f"--input={texts}",
                  f"--output={blocker}/sub/e.npy")
-  _one_line_error(proc, "Cannot create the output folder")
+  one_line_error(proc, "Cannot create the output folder")
   broken = tmp_path / "broken"
   os.makedirs(broken)
   for name in os.listdir(model):
@@ -162,9 +135,9 @@ def test_encode_checks_its_input_and_output_before_the_work(tmp_path):
     if name.endswith(".safetensors"):
       data_bytes = data_bytes[:len(data_bytes) // 3]
     (broken / name).write_bytes(data_bytes)
-  proc = _launch("encode.py", f"--model={broken}", f"--input={texts}",
+  proc = launch("encode.py", f"--model={broken}", f"--input={texts}",
                  f"--output={tmp_path / 'e.npy'}")
-  _one_line_error(proc)
+  one_line_error(proc)
   assert not os.path.exists(tmp_path / "e.npy")
 
 
@@ -189,14 +162,14 @@ def test_a_failed_checkpoint_save_is_an_error_at_once(tmp_path):
 def test_unusable_workdir_and_dataset_are_one_line(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={blocker}/w",
-                 f"--config.data={DATA}")
-  _one_line_error(proc, str(blocker))
+  proc = launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={blocker}/w",
+                 f"--config.data={FIXTURE_DATA}")
+  one_line_error(proc, str(blocker))
   empty = tmp_path / "empty"
   empty.mkdir()
-  proc = _launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}/w",
+  proc = launch("train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}/w",
                  f"--config.data={empty}")
-  _one_line_error(proc, str(empty))
+  one_line_error(proc, str(empty))
 
 
 def test_export_refuses_non_finite_parameters_and_writes_nothing(tmp_path):
@@ -210,20 +183,19 @@ def test_export_refuses_non_finite_parameters_and_writes_nothing(tmp_path):
 
 
 def test_eval_and_encode_refuse_a_model_with_non_finite_parameters(tmp_path):
-  from tests.test_eval_beir import _simple
   params, config, meta = model_folder.load_any(os.path.join(FIXTURE, "native"))
   params["encoder"]["embeddings"]["layer_norm"]["scale"][:] = np.nan
   broken = str(tmp_path / "nan_model")
   model_folder.save_model_folder(broken, params, config, tokenizer_path=meta["tokenizer"])
   folder = tmp_path / "beir"
-  _simple(folder)
+  one_pair_beir(folder)
   out = tmp_path / "scores.json"
-  proc = _launch("eval.py", f"--model={broken}", f"--beir={folder}", f"--output={out}")
-  _one_line_error(proc, "NaN or Inf")
+  proc = launch("eval.py", f"--model={broken}", f"--beir={folder}", f"--output={out}")
+  one_line_error(proc, "NaN or Inf")
   assert not os.path.exists(out)
   texts = tmp_path / "t.txt"
   texts.write_text("one\ntwo\n")
-  proc = _launch("encode.py", f"--model={broken}", f"--input={texts}",
+  proc = launch("encode.py", f"--model={broken}", f"--input={texts}",
                  f"--output={tmp_path / 'e.npy'}")
-  _one_line_error(proc, "embeddings hold NaN or Inf")
+  one_line_error(proc, "embeddings hold NaN or Inf")
   assert not os.path.exists(tmp_path / "e.npy")

@@ -11,23 +11,16 @@ from moe_embed import data
 from moe_embed.data import dataset
 from moe_embed.tokenizers import train_sentencepiece
 from moe_embed.train import config as run_config
+from tests.records import pair_records, write_jsonl
 
 GLOBAL = dict(max_query_len=24, max_doc_len=32, query_prefix="q: ", doc_prefix="d: ")
 CLF = {"query_prefix": "classification: ", "doc_prefix": "classification: ",
        "max_query_len": 10, "max_doc_len": 14}
 
 
-def _records(source, n, negatives=0):
-  return [{"query": f"{source} question {i} about sorting lists of numbers quickly",
-           "document": f"{source} answer {i}: call sorted() with a key function and reverse",
-           "negatives": [f"{source} wrong answer {i}-{j} about reading files" for j in
-                         range(negatives)],
-           "source": source} for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  rows = _records("search", 40, 2) + _records("clf", 40, 2) + _records("plain", 40)
+  rows = pair_records({"search": 40, "clf": 40}, 2) + pair_records({"plain": 40})
   texts = [t for r in rows for t in (r["query"], r["document"], *r["negatives"])]
   texts += ["classification: search_query: search_document: q: d: override: "] * 20
   return train_sentencepiece(texts * 2, 150, str(tmp_path_factory.mktemp("tok") / "spm"))
@@ -36,9 +29,7 @@ def tokenizer(tmp_path_factory):
 def _prepare(folder, rows, meta):
   """A prepared dataset whose dataset_info.json carries `meta` per source."""
   os.makedirs(folder, exist_ok=True)
-  with open(folder / "in.jsonl", "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  write_jsonl(folder / "in.jsonl", rows)
   out = str(folder / "ds")
   data.prepare(str(folder / "in.jsonl"), out)
   path = os.path.join(out, dataset.INFO)
@@ -53,7 +44,7 @@ def _prepare(folder, rows, meta):
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
   """Sources 'search' (its own prefixes), 'clf' (prefixes and lengths), 'plain' (none)."""
-  rows = _records("search", 40, 2) + _records("clf", 40, 2) + _records("plain", 40)
+  rows = pair_records({"search": 40, "clf": 40}, 2) + pair_records({"plain": 40})
   return _prepare(tmp_path_factory.mktemp("ds"), rows, {
       "search": {"query_prefix": "search_query: ", "doc_prefix": "search_document: "},
       "clf": CLF})
@@ -189,7 +180,7 @@ def test_unknown_source_without_config_data_fails_in_the_iterator(ds, tokenizer)
 
 def test_bad_metadata_is_named_and_long_metadata_lengths_are_capped(tmp_path, tokenizer,
                                                                     caplog):
-  rows = _records("a", 10) + _records("b", 10)
+  rows = pair_records({"a": 10, "b": 10})
   bad = _prepare(tmp_path / "bad", rows, {"a": {"max_doc_len": "long"}})
   with pytest.raises(ValueError, match=r"dataset_info.json sources\['a'\].max_doc_len='long' "
                                        r"must be an integer"):

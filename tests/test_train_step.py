@@ -8,50 +8,17 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_embed import partitioning
-from moe_embed.model import config as model_config
-from moe_embed.model.encoder import EmbeddingModel, init_params
 from moe_embed.train import optimizer as optimizer_lib
 from moe_embed.train import step as step_lib
+from tests.step_inputs import plain_step, random_batch, tiny_setup
 from tests.tree_asserts import assert_trees_close
 
 
-def _batch(config, b=16, n=2, lq=8, ld=12, seed=0):
-  rng = np.random.default_rng(seed)
-
-  def texts(shape, length):
-    ids = rng.integers(4, config.vocab_size, size=(*shape, length)).astype(np.int32)
-    lengths = rng.integers(2, length + 1, size=shape)
-    mask = np.arange(length) < lengths[..., None]
-    return np.where(mask, ids, config.pad_token_id).astype(np.int32), mask
-
-  batch = {}
-  batch["query_ids"], batch["query_mask"] = texts((b,), lq)
-  batch["doc_ids"], batch["doc_mask"] = texts((b,), ld)
-  if n:
-    batch["neg_ids"], batch["neg_mask"] = texts((b, n), ld)
-  return batch
-
-
-def _setup(**loss_kwargs):
-  config = model_config.preset("tiny", vocab_size=512)
-  model = EmbeddingModel(config)
-  params = {"model": nn.meta.unbox(init_params(config, jax.random.PRNGKey(0))),
-            "log_temperature": jnp.asarray(np.log(0.05), jnp.float32)}
-  cfg = step_lib.LossConfig(**loss_kwargs)
-  return config, model, params, cfg
-
-
-def _plain(model, config, cfg, params, batch):
-  fn = jax.jit(lambda p, b: step_lib.plain_loss_and_grads(model, config, cfg, p, b))
-  loss, extras, grads = fn(params, batch)
-  return loss, extras, grads
-
-
 def test_sharded_loss_and_grads_equal_single_device_with_hard_negatives():
-  config, model, params, cfg = _setup(learn_temperature=True, load_balancing_coef=1.0,
-                                      z_loss_coef=1e-3)
-  batch = _batch(config, n=2)
-  loss1, extras1, grads1 = _plain(model, config, cfg, params, batch)
+  config, model, params, cfg = tiny_setup(learn_temperature=True, load_balancing_coef=1.0,
+                                          z_loss_coef=1e-3)
+  batch = random_batch(config, n=2)
+  loss1, extras1, grads1 = plain_step(model, config, cfg, params, batch)
 
   mesh = partitioning.make_mesh(data=8, expert=1)
   rules = partitioning.DEFAULT_RULES
@@ -59,7 +26,7 @@ def test_sharded_loss_and_grads_equal_single_device_with_hard_negatives():
   sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
   sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
   with partitioning.mesh_context(mesh), nn.logical_axis_rules(rules):
-    loss8, extras8, grads8 = _plain(model, config, cfg, sharded_params, sharded_batch)
+    loss8, extras8, grads8 = plain_step(model, config, cfg, sharded_params, sharded_batch)
   assert len(sharded_batch["query_ids"].sharding.device_set) == 8
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
   np.testing.assert_allclose(float(extras8["load_balancing_loss"]),
@@ -70,11 +37,11 @@ def test_sharded_loss_and_grads_equal_single_device_with_hard_negatives():
 @pytest.mark.parametrize("shards,chunk", [(1, 4), (8, 8)])
 def test_grad_cache_gradients_equal_plain_step(shards, chunk):
   """GradCache with Matryoshka, router losses and a learned temperature == plain step."""
-  config, model, params, cfg = _setup(
+  config, model, params, cfg = tiny_setup(
       learn_temperature=True, symmetric=True, matryoshka_dims=(64, 16),
       matryoshka_weights=(1.0, 0.5), load_balancing_coef=1.0, z_loss_coef=1e-3)
-  batch = _batch(config, n=2, seed=3)
-  loss1, extras1, grads1 = _plain(model, config, cfg, params, batch)
+  batch = random_batch(config, n=2, seed=3)
+  loss1, extras1, grads1 = plain_step(model, config, cfg, params, batch)
   mesh = partitioning.make_mesh(data=shards, expert=1, devices=jax.devices()[:shards])
   rules = partitioning.DEFAULT_RULES
   sharding = partitioning.batch_sharding(mesh, rules)

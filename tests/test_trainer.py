@@ -12,56 +12,23 @@ import jax
 import numpy as np
 import pytest
 
-from configs import finetune
-from moe_embed import data
 from moe_embed.io import model_folder
 from moe_embed.train import trainer
+from tests.runs import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  """The embedded stdlib corpus, built once per test session."""
-  return data.ensure_default_data(str(tmp_path_factory.mktemp("cache") / "stdlib_pairs"))
-
-
-def _tiny(data_dir, **overrides):
-  c = finetune.get_config("tiny")
-  c.data = data_dir
-  c.batch_size = 16
-  c.input.max_query_len = 16
-  c.input.max_doc_len = 32
-  c.total_steps = 6
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 100
-  c.optimizer.warmup_steps = 2
-  c.eval.enabled = False
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return c
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def test_interrupted_run_resumes_exactly(data_dir, tmp_path):
+def test_interrupted_run_resumes_exactly(stdlib_data_dir, tmp_path):
   """6 steps in one run == 3 steps + restart + 3 steps: same parameters, same losses."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  config = _tiny(data_dir)  # Sharded over all 8 devices.
+  config = tiny_config(stdlib_data_dir)  # Sharded over all 8 devices.
   trainer.train_and_evaluate(config, straight)
   out = trainer.train_and_evaluate(config, resumed, stop_at_step=3)
   assert out["step"] == 3 and out.get("preempted")
   trainer.train_and_evaluate(config, resumed)
-  assert _losses(straight) == _losses(resumed)
-  assert sorted(_losses(straight)) == [1, 2, 3, 4, 5, 6]
+  assert losses(straight) == losses(resumed)
+  assert [step for step, _ in losses(straight)] == [1, 2, 3, 4, 5, 6]
   params_a, _, meta = model_folder.load_workdir(straight)
   params_b, _, _ = model_folder.load_workdir(resumed)
   assert meta["step"] == 6
@@ -82,8 +49,8 @@ def test_interrupted_run_resumes_exactly(data_dir, tmp_path):
     ({"eval.enabled": True, "eval.beir": "/nope"}, "eval.beir names folders"),
     ({"mesh.data": 3}, "mesh.data=3 x mesh.expert=1 = 3 devices, but 8"),
 ])
-def test_bad_config_values_fail_before_compiling(data_dir, tmp_path, overrides, message):
-  config = _tiny(data_dir, **overrides)
+def test_bad_config_values_fail_before_compiling(stdlib_data_dir, tmp_path, overrides, message):
+  config = tiny_config(stdlib_data_dir, **overrides)
   start = time.time()
   with pytest.raises(trainer.ConfigError, match=re.escape(message)):
     trainer.train_and_evaluate(config, str(tmp_path / "w"))
@@ -103,11 +70,11 @@ def test_unknown_config_key_is_named(tmp_path):
   assert "learnig_rate" in proc.stderr
 
 
-def test_launch_train_end_to_end_loss_falls(data_dir, tmp_path):
+def test_launch_train_end_to_end_loss_falls(stdlib_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   proc = _run_train([
       "--config=configs/finetune.py:tiny", f"--workdir={workdir}",
-      f"--config.data={data_dir}", "--config.total_steps=60", "--config.batch_size=32",
+      f"--config.data={stdlib_data_dir}", "--config.total_steps=60", "--config.batch_size=32",
       "--config.optimizer.warmup_steps=5", "--config.eval.every_steps=30",
       "--config.eval.at_start=False"], env_extra={"XLA_FLAGS": ""}, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -128,10 +95,10 @@ def test_launch_train_end_to_end_loss_falls(data_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_saves_a_checkpoint_then_resume(data_dir, tmp_path, signum, code):
+def test_sigterm_saves_a_checkpoint_then_resume(stdlib_data_dir, tmp_path, signum, code):
   workdir = str(tmp_path / "run")
   args = ["--config=configs/finetune.py:tiny", f"--workdir={workdir}",
-          f"--config.data={data_dir}", "--config.total_steps=100000",
+          f"--config.data={stdlib_data_dir}", "--config.total_steps=100000",
           "--config.checkpoint_every_steps=100000", "--config.eval.enabled=False"]
   proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,18 +115,18 @@ def test_sigterm_saves_a_checkpoint_then_resume(data_dir, tmp_path, signum, code
 
 
 @pytest.mark.slow
-def test_packed_run_matches_padded_and_resumes_exactly(data_dir, tmp_path):
+def test_packed_run_matches_padded_and_resumes_exactly(stdlib_data_dir, tmp_path):
   """input.packing with GradCache on 8 devices: the padded run's losses (float32, 1e-5);
   stopped at step 2 and resumed, the same losses and parameters bit for bit."""
   overrides = {"total_steps": 4, "grad_cache_chunk": 8}
   padded, straight, resumed = (str(tmp_path / n) for n in ("padded", "straight", "resumed"))
-  trainer.train_and_evaluate(_tiny(data_dir, **overrides), padded)
-  config = _tiny(data_dir, **overrides, **{"input.packing": True})
+  trainer.train_and_evaluate(tiny_config(stdlib_data_dir, **overrides), padded)
+  config = tiny_config(stdlib_data_dir, **overrides, **{"input.packing": True})
   trainer.train_and_evaluate(config, straight)
   assert trainer.train_and_evaluate(config, resumed, stop_at_step=2)["step"] == 2
   trainer.train_and_evaluate(config, resumed)
-  assert _losses(straight) == _losses(resumed)
-  a, b = _losses(padded), _losses(straight)
+  assert losses(straight) == losses(resumed)
+  a, b = dict(losses(padded)), dict(losses(straight))
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(model_folder.load_workdir(straight)[0]),

@@ -11,6 +11,8 @@ import pytest
 
 from moe_embed.io import checkpoints
 from moe_embed.train.step import TrainState
+from tests.runs import (FIXTURE, FIXTURE_DATA, REPO, SMALL, fixture_config, launch,
+                        one_line_error)
 
 
 def _state(step, seed):
@@ -87,30 +89,20 @@ def test_digest_does_not_depend_on_the_sharding():
   assert [k for k in a if a[k] != b[k]] == ["params/model/w"]
 
 
-@pytest.fixture
-def old(tmp_path):
-  """A copy of the fixture workdir (a checkpoint at step 2, metrics of steps 1-2)."""
-  from tests.test_formats import FIXTURE
-  root = str(tmp_path / "v0")
-  shutil.copytree(FIXTURE, root)
-  return root
-
-
 def _snapshot(workdir):
   return {name: open(os.path.join(workdir, name), "rb").read()
           for name in ("config.json", "model.json", "metrics.jsonl")}
 
 
-def test_a_changed_architecture_is_refused_before_anything_is_written(old, caplog):
+def test_a_changed_architecture_is_refused_before_anything_is_written(workdir_v0, caplog):
   from moe_embed.io import model_folder
   from moe_embed.train import trainer, workdir as workdir_lib
-  from tests.test_formats import _config
-  workdir = os.path.join(old, "workdir")
+  workdir = os.path.join(workdir_v0, "workdir")
   before, files = model_folder.load_workdir(workdir)[0], _snapshot(workdir)
   for changes, needles in (
       ({"num_layers": 3, "top_k": 1}, ["encoder.num_layers 2 -> 3", "encoder.top_k 2 -> 1"]),
       ({"num_experts": 8}, ["encoder.num_experts 4 -> 8"])):
-    c = _config(old)
+    c = fixture_config(workdir_v0)
     for key, value in changes.items():
       c.encoder[key] = value
     with pytest.raises(trainer.ConfigError) as e:
@@ -125,7 +117,7 @@ def test_a_changed_architecture_is_refused_before_anything_is_written(old, caplo
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
   # Runtime fields may change; a changed batch size and schedule are logged.
-  c = _config(old)
+  c = fixture_config(workdir_v0)
   c.encoder.dtype, c.encoder.remat, c.encoder.expert_exchange = "bfloat16", True, "padded"
   c.batch_size, c.total_steps = 16, 8
   recorded, _ = model_folder.read_meta(workdir)
@@ -143,7 +135,6 @@ def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path, caplog):
   import sys
   import time
   from moe_embed.train import trainer, workdir as workdir_lib
-  from tests.test_formats import FIXTURE, _config
   workdir = str(tmp_path / "w")
   first = workdir_lib.WorkdirLock(workdir, heartbeat_s=0.05).acquire()
   held = json.loads(open(os.path.join(workdir, workdir_lib.LOCK_FILE)).read())
@@ -153,7 +144,7 @@ def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path, caplog):
   assert beat > held["heartbeat"]  # The heartbeat moves while the run holds the lock.
   with pytest.raises(workdir_lib.WorkdirLocked,
                      match=f"in use by another run: host {socket.gethostname()} pid {os.getpid()}"):
-    trainer.train_and_evaluate(_config(FIXTURE), workdir)
+    trainer.train_and_evaluate(fixture_config(FIXTURE), workdir)
   first.release()
   assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
   # A holder that is gone: a pid that ended on this host, or a heartbeat from long ago.
@@ -171,10 +162,9 @@ def test_one_run_per_workdir_and_a_stale_lock_is_taken_over(tmp_path, caplog):
     lock.release()
 
 
-def test_the_lock_holds_on_gcs(gcs_emulator):
-  from tests.conftest import make_bucket
+def test_the_lock_holds_on_gcs(gcs_bucket):
   from moe_embed.train import workdir as workdir_lib
-  workdir = make_bucket(gcs_emulator, "locks") + "/run"
+  workdir = gcs_bucket("locks") + "/run"
   first = workdir_lib.WorkdirLock(workdir, settle_s=0.1).acquire()
   with pytest.raises(workdir_lib.WorkdirLocked, match=f"pid {os.getpid()}"):
     workdir_lib.WorkdirLock(workdir, settle_s=0.1).acquire()
@@ -188,9 +178,8 @@ def test_ctrl_c_saves_and_a_resume_keeps_the_first_runs_metrics(tmp_path, monkey
   import json
   import signal
   from moe_embed.train import trainer, metric_writer, workdir as workdir_lib
-  from tests.test_formats import FIXTURE, _config
   workdir = str(tmp_path / "w")
-  c = _config(FIXTURE)
+  c = fixture_config(FIXTURE)
   c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 2, 100, 3
   batches = []
   real = trainer._global_batch
@@ -252,20 +241,19 @@ def test_train_without_workdir_uses_one_per_config_and_a_second_run_names_the_ho
   import socket
   from moe_embed import cli
   from moe_embed.train import workdir as workdir_lib
-  from tests.test_reliability import _launch, _one_line_error
   root = tmp_path / "runs"
   os.environ[workdir_lib.DEFAULT_ROOT_ENV] = str(root)
   try:
     expected = workdir_lib.default_workdir("configs/finetune.py")
     lock = workdir_lib.WorkdirLock(expected).acquire()  # A first run holds it.
-    proc = _launch("train.py", "--config=configs/finetune.py")
+    proc = launch("train.py", "--config=configs/finetune.py")
     lock.release()
   finally:
     del os.environ[workdir_lib.DEFAULT_ROOT_ENV]
   assert expected == str(root / "finetune")
   assert f"Workdir: {expected}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
-  _one_line_error(proc, "in use by another run", f"host {socket.gethostname()}",
-                  f"pid {os.getpid()}")
+  one_line_error(proc, "in use by another run", f"host {socket.gethostname()}",
+                 f"pid {os.getpid()}")
   assert "--workdir" in proc.stderr and proc.returncode == 1 != cli.EXIT_PREEMPTED
 
 
@@ -273,7 +261,6 @@ def test_outputs_follow_the_umask(tmp_path):
   import stat
   from moe_embed import cli
   from moe_embed.io import model_folder, st_export
-  from tests.test_formats import FIXTURE
   previous = os.umask(0o027)
   try:
     with cli.atomic_path(str(tmp_path / "e.npy")) as tmp, open(tmp, "wb") as f:
@@ -295,7 +282,6 @@ def test_a_deleted_or_truncated_dataset_file_is_one_line_when_the_dataset_opens(
   from moe_embed import data
   from moe_embed.data import dataset
   from moe_embed.train import trainer
-  from tests.test_formats import FIXTURE, _config
   pairs = tmp_path / "pairs.jsonl"
   pairs.write_text("".join(json.dumps({"query": f"q {i}", "document": f"d {i}"}) + "\n"
                            for i in range(12)))
@@ -315,7 +301,7 @@ def test_a_deleted_or_truncated_dataset_file_is_one_line_when_the_dataset_opens(
   shutil.copytree(os.path.join(FIXTURE, "data"), old)
   [name] = glob.glob(os.path.join(old, "tfds", "*", "*", "*.array_record-*"))
   os.remove(name)
-  c = _config(FIXTURE)
+  c = fixture_config(FIXTURE)
   c.data = old
   with pytest.raises(ValueError, match=f"Dataset {old} is damaged: .*"
                      f"{os.path.basename(name)} is missing; rebuild it"):
@@ -354,7 +340,6 @@ def test_experts_that_do_not_split_over_the_expert_axis_name_both_fields():
 def test_export_without_transformers_is_one_line(tmp_path, monkeypatch):
   import sys
   from moe_embed.io import model_folder, st_export
-  from tests.test_formats import FIXTURE
   params, config, meta = model_folder.load_any(os.path.join(FIXTURE, "native"))
   monkeypatch.setitem(sys.modules, "transformers", None)  # As if it were not installed.
   monkeypatch.setitem(sys.modules, "transformers.convert_slow_tokenizer", None)
@@ -365,8 +350,7 @@ def test_export_without_transformers_is_one_line(tmp_path, monkeypatch):
 
 def test_out_of_memory_names_the_batch_the_bytes_and_the_fields():
   from moe_embed.train import trainer
-  from tests.test_formats import FIXTURE, _config
-  c = _config(FIXTURE)
+  c = fixture_config(FIXTURE)
   c.batch_size, c.grad_cache_chunk = 4096, 0
   error = jax.errors.JaxRuntimeError(
       "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.\n"
@@ -400,10 +384,9 @@ runpy.run_path("launch/train.py", run_name="__main__")
 def test_a_full_disk_stops_the_run_at_the_failed_save_in_one_line(tmp_path):
   import subprocess
   import sys
-  from tests.test_reliability import DATA, REPO, _one_line_error
-  from tests.test_gcs import SMALL
   workdir = str(tmp_path / "w")
-  args = ["--config=configs/finetune.py:tiny", f"--workdir={workdir}", f"--config.data={DATA}",
+  args = ["--config=configs/finetune.py:tiny", f"--workdir={workdir}",
+          f"--config.data={FIXTURE_DATA}",
           *[a for a in SMALL if "total_steps" not in a], "--config.total_steps=40",
           "--config.eval.enabled=False"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
@@ -411,6 +394,6 @@ def test_a_full_disk_stops_the_run_at_the_failed_save_in_one_line(tmp_path):
   # stderr through a pipe: the file size limit applies to the files the run writes.
   proc = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
-  line = _one_line_error(proc, "Saving the checkpoint of step 2 ", "failed", "stopped at step")
+  line = one_line_error(proc, "Saving the checkpoint of step 2 ", "failed", "stopped at step")
   stopped = int(line.split("stopped at step ")[1].split(".")[0])
   assert 2 < stopped < 40, line  # It did not train on past the failed save.
