@@ -59,6 +59,11 @@ def test_size_rows_covers_the_sampled_units():
     pick = sample[rng.integers(0, 500, 16)].reshape(-1)
     assert packing.rows_needed(pick, 64) <= rows
   assert rows < 32  # Far fewer than one row per text.
+  # Never more rows than texts at their full widths need (here one text per row).
+  long = np.full((500, 2), 60)
+  assert packing.size_rows([long], texts_per_unit=16, pack_length=64) == 34  # 32 x 1.05.
+  assert packing.size_rows([long], texts_per_unit=16, pack_length=64, widths=[60, 60]) == 32
+  assert (packing.size_rows([sample], 16, 64, widths=[60, 60]) == rows)  # Cap not reached.
 
 
 def _small(name):

@@ -133,13 +133,15 @@ def pack_batch(queries: Sequence[Sequence[int]], docs: Sequence[Sequence[int]],
 
 
 def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_length: int,
-              seed: int = 0) -> int:
+              seed: int = 0, widths: Sequence[int] | None = None) -> int:
   """Rows per unit from length statistics: `SIMULATED_UNITS` units drawn from each sample.
 
   example_lengths: one int array [examples, texts per example] per source (a unit is
   one source's: every step draws one source); texts_per_unit: examples per unit.
   Returns the most rows any simulated unit needed, with `ROW_HEADROOM`, and at least
-  enough rows for every text to keep one token.
+  enough rows for every text to keep one token; given the texts' `widths` [texts per
+  example] (their longest lengths), never more than a unit of texts at full width
+  needs, which every unit fits without capping.
   """
   rng = np.random.default_rng(seed)
   most = 1
@@ -149,4 +151,7 @@ def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_l
       pick = sample[rng.integers(0, len(sample), size=texts_per_unit)].reshape(-1)
       most = max(most, rows_needed(pick, pack_length))
   texts = texts_per_unit * (np.asarray(example_lengths[0]).shape[1] if example_lengths else 1)
-  return max(math.ceil(most * ROW_HEADROOM), math.ceil(texts / pack_length))
+  rows = max(math.ceil(most * ROW_HEADROOM), math.ceil(texts / pack_length))
+  if widths is not None:
+    rows = min(rows, rows_needed(np.tile(np.asarray(widths), texts_per_unit), pack_length))
+  return rows

@@ -255,7 +255,8 @@ class TrainIterator:
       q, d, negs = self.encode(records, source)
       lengths = [[len(a), len(b)] + [len(x) for x in ns] for a, b, ns in zip(q, d, negs)]
       stats.append(np.array(lengths, np.int64))
-    return packing.size_rows(stats, self.texts_per_unit, self.pack_length, self.seed)
+    widths = [self.max_query_len] + [self.max_doc_len] * (stats[0].shape[1] - 1 if stats else 1)
+    return packing.size_rows(stats, self.texts_per_unit, self.pack_length, self.seed, widths)
 
   # -- State ---------------------------------------------------------------
   def get_state(self) -> dict:

@@ -210,7 +210,8 @@ def pack_rows_for_share(config: ml_collections.ConfigDict, batch_shards: int,
   per_text = [max(1, round(real_token_share * inputs.max_query_len))] + \
       [max(1, round(real_token_share * inputs.max_doc_len))] * (1 + inputs.num_negatives)
   lengths = np.tile(np.array(per_text, np.int64), (64, 1))
-  return packing.size_rows([lengths], config.batch_size // units, width)
+  widths = [inputs.max_query_len] + [inputs.max_doc_len] * (1 + inputs.num_negatives)
+  return packing.size_rows([lengths], config.batch_size // units, width, widths=widths)
 
 
 def build_step(config: ml_collections.ConfigDict, devices: list[Any], pack_rows: int = 0,
@@ -219,8 +220,8 @@ def build_step(config: ml_collections.ConfigDict, devices: list[Any], pack_rows:
 
   With input.packing, `pack_rows` rows per packing unit (the trainer logs its own),
   else rows sized for texts that fill `real_token_share` of their widths, else for
-  texts at their full widths: the most rows the trainer can size, so the memory
-  figure is an upper bound.
+  texts at their full widths: the most rows the trainer can size (as many token
+  slots as the padded step), so the memory figure is an upper bound.
   """
   run_config.check_config(config)
   encoder = _encoder_config(config)
