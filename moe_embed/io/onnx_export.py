@@ -17,11 +17,12 @@ int64 [batch, sequence], both axes dynamic. Output: `last_hidden_state` float32
 which commutes with mean pooling); pooling and L2 normalisation stay in the
 folder's sentence-transformers modules.
 
-`quantize_int8` writes the int8 dynamic weight-quantized copy (onnxruntime's
-`quantize_dynamic`: int8 weights per output channel, activations quantized per
-call); the router MatMuls stay float32 so that int8 rounding does not move
-tokens between experts, and so do the MLP down-projections (`FLOAT_MATMULS`). Padding rows of the normalised activations are zeroed,
-so that they cannot widen an activation's int8 range.
+`quantize_int8` writes the int8 copy: every weight MatMul becomes an int8
+MatMulInteger with symmetric weights per output column and activations ranged
+per token as the graph runs (a dynamic quantization finer than onnxruntime's
+one range per tensor). The router MatMuls stay float32 so that int8 rounding
+does not move tokens between experts (`FLOAT_MATMULS`). Padding rows of the
+normalised activations are zeroed.
 
 Node names: expert matmuls are `layer_{i}/mlp/expert_{e}/w1` (and `/w3` for the
 SwiGLU gate, `/w2`), router matmuls `layer_{i}/mlp/router`.
@@ -48,12 +49,12 @@ _NEG = -1e30  # Additive attention bias of a padding key: exp() is exactly 0.
 class _Graph:
   """Collects nodes and initializers; `op` returns the output name of one node."""
 
-  def __init__(self):
-    self.nodes, self.initializers, self._count = [], [], 0
+  def __init__(self, prefix: str = ""):
+    self.nodes, self.initializers, self._count, self._prefix = [], [], 0, prefix
 
   def name(self, hint: str) -> str:
     self._count += 1
-    return f"{hint}_{self._count}"
+    return f"{self._prefix}{hint}_{self._count}"
 
   def const(self, value, name: Optional[str] = None, dtype=np.float32) -> str:
     from onnx import numpy_helper
@@ -310,24 +311,85 @@ def save(model, path: str) -> None:
     onnx.save_model(model, path)
 
 
-# MatMuls left in float32 by quantize_int8: the routers, and the MLP down-projections,
-# whose GELU-output activations have outliers that one per-tensor int8 scale rounds
-# coarsely (all-MiniLM-L6-v2, 22 texts: mean cosine to float32 0.991 with them
-# quantized, 0.995 without).
-FLOAT_MATMULS = ("/router", "/fc2", "/w2")
+# MatMuls left in float32 by quantize_int8: the routers, so that int8 rounding
+# cannot move a token to other experts.
+FLOAT_MATMULS = ("/router",)
+_INT8_MAX = 127.0
+
+
+def _quantize_columns(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Symmetric int8 per output column: kernel [in, out] ~ q [in, out] int8 * scale [out]."""
+  scale = np.abs(kernel).max(axis=0) / _INT8_MAX
+  scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+  q = np.clip(np.rint(kernel / scale), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+  return q, scale
+
+
+def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> None:
+  """out = x [..., in] @ kernel [in, out] in 8 bits, with one range per token and per column.
+
+  Each token (row of x) is rounded to uint8 over its own range [min(x_row, 0),
+  max(x_row, 0)], so a batch's long texts and outliers cannot coarsen its other
+  texts' rounding (onnxruntime's dynamic quantization takes one range per tensor:
+  the worst text of a padded MiniLM batch fell to cosine 0.981 with it). Kernels
+  are int8 symmetric per output column. MatMulInteger (uint8 x int8, the fast
+  path of onnxruntime's CPU kernels) accumulates in int32; each token's zero point
+  comes out through the kernel's column sums, exactly in int32 (|sums| <= 255 *
+  127 * in < 2^31), before one scale per token and one per column.
+  """
+  q, col_scale = _quantize_columns(kernel)
+  width = kernel.shape[0]
+  rows = g.op("Reshape", x, g.const([-1, width], dtype=np.int64))  # [T, in]
+  low = g.op("Min", g.op("ReduceMin", rows, axes=[-1], keepdims=0), g.const(0.0))  # [T]
+  high = g.op("Max", g.op("ReduceMax", rows, axes=[-1], keepdims=0), g.const(0.0))
+  # An all-zero row (a padding token) gets a tiny scale: it quantizes to zeros exactly.
+  scale = g.op("Div", g.op("Max", g.op("Sub", high, low), g.const(1e-30)), g.const(255.0))
+  zero = g.op("Cast", g.op("Round", g.op("Div", g.op("Neg", low), scale)), to=2)  # uint8 [T]
+  xq = g.op("QuantizeLinear", rows, scale, zero, axis=0)  # uint8 [T, in]
+  acc = g.op("MatMulInteger", xq, g.const(q, f"{name}/kernel_int8", dtype=np.int8),
+             name=f"{name}/int8")  # int32 [T, out]: sum_i xq_ti q_ij
+  column_sums = g.const(q.astype(np.int32).sum(0), f"{name}/kernel_sums", dtype=np.int32)
+  zero_rows = g.op("Unsqueeze", g.op("Cast", zero, to=6), g.const([1], dtype=np.int64))
+  centred = g.op("Sub", acc, g.op("Mul", zero_rows, column_sums))  # sum_i (xq - zero) q
+  y = g.op("DequantizeLinear", centred, scale, axis=0)  # [T, out] float32
+  y = g.op("Mul", y, g.const(col_scale, f"{name}/kernel_scale"))
+  shape = g.op("Concat", g.op("Shape", x, start=0, end=-1),
+               g.const([kernel.shape[1]], dtype=np.int64), axis=0)
+  g.nodes.append(_make_node("Reshape", [y, shape], [out], name=f"{name}/dequantize"))
+
+
+def _make_node(op_type: str, inputs: list[str], outputs: list[str], name: str):
+  from onnx import helper
+  return helper.make_node(op_type, inputs, outputs, name=name)
 
 
 def quantize_int8(src: str, dst: str) -> None:
-  """int8 dynamic weight quantization of every weight MatMul but FLOAT_MATMULS."""
+  """Rewrites every weight MatMul of the graph at src but FLOAT_MATMULS into int8 (dst).
+
+  Weights: symmetric int8 per output column. Activations: symmetric int8 per
+  token, ranged when the graph runs (`_int8_matmul`). Everything else, including
+  the routers' float32 top-k, is unchanged.
+  """
   import onnx
-  from onnxruntime.quantization import QuantType, quantize_dynamic
-  model = onnx.load(src, load_external_data=False)
-  keep_float = [n.name for n in model.graph.node if n.name.endswith(FLOAT_MATMULS)]
-  size = os.path.getsize(src) + (os.path.getsize(src + "_data")
-                                 if os.path.exists(src + "_data") else 0)
-  quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                   nodes_to_exclude=keep_float, per_channel=True,
-                   use_external_data_format=size > EXTERNAL_DATA_BYTES)
+  from onnx import numpy_helper
+  model = onnx.load(src)
+  weights = {t.name: t for t in model.graph.initializer}
+  g = _Graph(prefix="int8/")  # Apart from the float graph's generated names.
+  used = set()
+  for node in model.graph.node:
+    if (node.op_type == "MatMul" and node.input[1] in weights
+        and not node.name.endswith(FLOAT_MATMULS)):
+      kernel = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+      _int8_matmul(g, node.input[0], kernel, node.name, node.output[0])
+    else:
+      g.nodes.append(node)
+      used.update(node.input)
+  keep = [t for name, t in weights.items() if name in used]
+  del model.graph.node[:]
+  model.graph.node.extend(g.nodes)
+  del model.graph.initializer[:]
+  model.graph.initializer.extend(keep + g.initializers)
+  save(model, dst)
 
 
 def write_onnx(folder: str, params: dict, config: EncoderConfig, *,
