@@ -355,19 +355,16 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   y = g.op("Mul", y, g.const(col_scale, f"{name}/kernel_scale"))
   shape = g.op("Concat", g.op("Shape", x, start=0, end=-1),
                g.const([kernel.shape[1]], dtype=np.int64), axis=0)
-  g.nodes.append(_make_node("Reshape", [y, shape], [out], name=f"{name}/dequantize"))
-
-
-def _make_node(op_type: str, inputs: list[str], outputs: list[str], name: str):
   from onnx import helper
-  return helper.make_node(op_type, inputs, outputs, name=name)
+  # The float MatMul's output name, so that its consumers read the int8 result.
+  g.nodes.append(helper.make_node("Reshape", [y, shape], [out], name=f"{name}/dequantize"))
 
 
 def quantize_int8(src: str, dst: str) -> None:
   """Rewrites every weight MatMul of the graph at src but FLOAT_MATMULS into int8 (dst).
 
-  Weights: symmetric int8 per output column. Activations: symmetric int8 per
-  token, ranged when the graph runs (`_int8_matmul`). Everything else, including
+  Weights: symmetric int8 per output column. Activations: uint8 with one range
+  per token, taken when the graph runs (`_int8_matmul`). Everything else, including
   the routers' float32 top-k, is unchanged.
   """
   import onnx
