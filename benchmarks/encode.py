@@ -90,10 +90,13 @@ def matmul_flops_per_token(config) -> int:
   return total
 
 
-def _matmul_names(exported: str) -> list[str]:
+def _float_matmul_names(exported: str) -> list[str]:
+  """The MatMuls the shipped int8 graph keeps float32 (onnx_export.FLOAT_MATMULS)."""
   import onnx
+  from moe_embed.io import onnx_export
   model = onnx.load(os.path.join(exported, "onnx", "model.onnx"), load_external_data=False)
-  return [n.name for n in model.graph.node if n.op_type == "MatMul"]
+  return [n.name for n in model.graph.node
+          if n.op_type == "MatMul" and n.name.endswith(onnx_export.FLOAT_MATMULS)]
 
 
 def main(argv):
@@ -141,7 +144,7 @@ def main(argv):
     quantize_dynamic(os.path.join(exported, "onnx", "model.onnx"),
                      os.path.join(exported, "onnx", "model_qint8_per_tensor.onnx"),
                      weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=[n for n in _matmul_names(exported) if "/router" in n],
+                     nodes_to_exclude=_float_matmul_names(exported),
                      per_channel=True)
     per_tensor = onnx_runtime.OnnxEmbedder(exported, "model_qint8_per_tensor.onnx",
                                            threads=_THREADS.value)

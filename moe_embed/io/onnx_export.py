@@ -337,6 +337,7 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   comes out through the kernel's column sums, exactly in int32 (|sums| <= 255 *
   127 * in < 2^31), before one scale per token and one per column.
   """
+  from onnx import helper
   q, col_scale = _quantize_columns(kernel)
   width = kernel.shape[0]
   rows = g.op("Reshape", x, g.const([-1, width], dtype=np.int64))  # [T, in]
@@ -355,7 +356,6 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   y = g.op("Mul", y, g.const(col_scale, f"{name}/kernel_scale"))
   shape = g.op("Concat", g.op("Shape", x, start=0, end=-1),
                g.const([kernel.shape[1]], dtype=np.int64), axis=0)
-  from onnx import helper
   # The float MatMul's output name, so that its consumers read the int8 result.
   g.nodes.append(helper.make_node("Reshape", [y, shape], [out], name=f"{name}/dequantize"))
 
