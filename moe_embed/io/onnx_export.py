@@ -1,28 +1,29 @@
-"""Our parameter tree -> an ONNX graph of the encoder whose MoE layers stay sparse.
+"""Our parameter tree -> an ONNX graph of the encoder that computes real tokens only.
 
-The graph is built node by node from the parameters (not traced from PyTorch),
-so that each MoE layer computes only what routing chose: the router (float32
-MatMul, Softmax over all E experts, TopK) picks k experts per real token, and
-expert e then runs on the rows routed to it alone: `Compress` gathers them
-[n_e, D], two MatMuls [n_e, D] x [D, F] x [F, D] compute the expert, and one
-`ScatterND(reduction='add')` per layer adds the weighted outputs back to their
-tokens [T, D]. Padding tokens are never routed (they get only the shared output
-bias, as in JAX). Expert matmul work is sum_e n_e = k * (real tokens), not
-E * (all tokens).
+The graph is built node by node from the parameters (not traced from PyTorch).
+
+- Padding is dropped after the embedding lookup: projections, MLPs, experts and
+  norms run on the T real tokens [T, D]. Attention alone sees padding, in
+  ATTENTION_GROUPS slices of the batch's rows, each cut to its own longest text
+  (onnxruntime's fused `com.microsoft.MultiHeadAttention`, on CPU and CUDA).
+- Each MoE layer computes only what routing chose: the router (float32 MatMul,
+  Softmax over all E experts, TopK) picks k experts per token; expert e runs on
+  its n_e rows alone (`Compress`, then [n_e, D] x [D, F] x [F, D]); each token
+  gathers its k output rows and sums them, weighted. Expert matmul work is
+  sum_e n_e = k * (real tokens), not E * (all tokens).
 
 Inputs, as sentence-transformers' ONNX backend feeds them: `input_ids`,
 `attention_mask` (and `token_type_ids` when the model has a token-type table),
-int64 [batch, sequence], both axes dynamic. Output: `last_hidden_state` float32
-[batch, sequence, D] (projected per token when the model has a projection head,
-which commutes with mean pooling); pooling and L2 normalisation stay in the
-folder's sentence-transformers modules.
+int64 [batch, sequence], both axes dynamic, texts right-padded. Output:
+`last_hidden_state` float32 [batch, sequence, D] (projected per token when the
+model has a projection head, which commutes with mean pooling), zero at padding;
+pooling and L2 normalisation stay in the folder's sentence-transformers modules.
 
 `quantize_int8` writes the int8 copy: every weight MatMul becomes an int8
 MatMulInteger with symmetric weights per output column and activations ranged
 per token as the graph runs (a dynamic quantization finer than onnxruntime's
 one range per tensor). The router MatMuls stay float32 so that int8 rounding
-does not move tokens between experts (`FLOAT_MATMULS`). Padding rows of the
-normalised activations are zeroed.
+does not move tokens between experts (`FLOAT_MATMULS`).
 
 Node names: expert matmuls are `layer_{i}/mlp/expert_{e}/w1` (and `/w3` for the
 SwiGLU gate, `/w2`), router matmuls `layer_{i}/mlp/router`.
@@ -30,6 +31,7 @@ SwiGLU gate, `/w2`), router matmuls `layer_{i}/mlp/router`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any, Optional
@@ -38,23 +40,30 @@ import numpy as np
 
 from moe_embed.model.config import EncoderConfig
 
-OPSET = 17  # LayerNormalization; ScatterND reduction='add' (16).
+OPSET = 17  # LayerNormalization.
 SUBFOLDER = "onnx"
 MODEL_FILE = "model.onnx"  # Where sentence-transformers' ONNX backend looks.
 INT8_FILE = "model_qint8.onnx"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # Past this, weights go to `<file>_data` (2 GB limit).
-_NEG = -1e30  # Additive attention bias of a padding key: exp() is exactly 0.
+_NEG = -1e30  # Attention score of a padding key: exp() is exactly 0.
+CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's fused MultiHeadAttention (CPU and CUDA).
 
 
 class _Graph:
   """Collects nodes and initializers; `op` returns the output name of one node."""
 
   def __init__(self, prefix: str = ""):
-    self.nodes, self.initializers, self._count, self._prefix = [], [], 0, prefix
+    self.nodes, self.initializers, self._prefix = [], [], prefix
+    self._numbers = itertools.count(1)
+
+  def branch(self) -> "_Graph":
+    """A graph for an If branch: its own nodes; names and initializers shared with self."""
+    child = _Graph(self._prefix)
+    child.initializers, child._numbers = self.initializers, self._numbers
+    return child
 
   def name(self, hint: str) -> str:
-    self._count += 1
-    return f"{self._prefix}{hint}_{self._count}"
+    return f"{self._prefix}{hint}_{next(self._numbers)}"
 
   def const(self, value, name: Optional[str] = None, dtype=np.float32) -> str:
     from onnx import numpy_helper
@@ -70,6 +79,12 @@ class _Graph:
     outs = [f"{node_name}:{i}" for i in range(outputs)]
     self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
     return outs[0] if outputs == 1 else outs
+
+  def subgraph(self, output: str):
+    """This branch's nodes as a GraphProto with the one float output `output`."""
+    from onnx import TensorProto, helper
+    return helper.make_graph(self.nodes, self.name("branch"), [],
+                             [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
 
 
 def _np(x) -> np.ndarray:
@@ -100,8 +115,8 @@ def _silu(g: _Graph, x: str) -> str:
 
 
 def _rotary(g: _Graph, x: str, cos: str, sin: str, rot: int, head_dim: int) -> str:
-  """GPT-NeoX (half-split) rotary on the first `rot` dims of x [B, H, L, Dh]."""
-  axis = g.const([3], dtype=np.int64)
+  """GPT-NeoX (half-split) rotary on the first `rot` dims of x [..., Dh]; cos, sin broadcast."""
+  axis = g.const([-1], dtype=np.int64)
   cut = lambda a, b: g.op("Slice", x, g.const([a], dtype=np.int64),
                           g.const([b], dtype=np.int64), axis)
   half = rot // 2
@@ -110,34 +125,119 @@ def _rotary(g: _Graph, x: str, cos: str, sin: str, rot: int, head_dim: int) -> s
   return g.op("Concat", out, cut(rot, head_dim), axis=-1) if rot < head_dim else out
 
 
-def _attention(g: _Graph, x: str, p: dict, cfg: EncoderConfig, bias: str,
+class _Tokens:
+  """Where the real tokens of a right-padded [B, L] batch sit: to drop and restore padding.
+
+  flat [T] int64: the real tokens' slots among the B * L (Gather indices), index
+  [T, 1] the same as ScatterND indices, positions [T] their positions in their text.
+  For attention, `groups` cut the batch's rows into ATTENTION_GROUPS slices, each
+  to its own longest text (`_attention_groups`).
+  """
+
+  def __init__(self, g: _Graph):
+    self.g = g
+    self.batch_length = g.op("Shape", "input_ids")  # [2]: B, L
+    self.slots = g.op("ReduceProd", self.batch_length, keepdims=1)  # [1]: B * L
+    mask = g.op("Reshape", "attention_mask", g.const([-1], dtype=np.int64))  # [B*L]
+    self.index = g.op("Transpose", g.op("NonZero", mask), perm=[1, 0])  # [T, 1]
+    self.flat = g.op("Squeeze", self.index, g.const([1], dtype=np.int64))  # [T]
+    length = g.op("Shape", "input_ids", start=1, end=2)  # [1]: L
+    self.positions = g.op("Mod", self.flat, length)  # [T]
+    self.key_mask = g.op("Cast", "attention_mask", to=6)  # int32 [B, L]
+    batch = g.op("Shape", "input_ids", start=0, end=1)  # [1]: B
+    self.several_rows = g.op("Squeeze", g.op("Greater", batch, g.const([1], dtype=np.int64)),
+                             g.const([0], dtype=np.int64))  # bool []
+    self.axes = g.const([0, 1], dtype=np.int64)
+    self.groups = _attention_groups(g, batch, length, self.key_mask, self.axes)
+
+  def gather(self, padded: str) -> str:
+    """[B, L, ...] -> [T, ...]: the real tokens' rows."""
+    g = self.g
+    rows = g.op("Concat", self.slots, g.op("Shape", padded, start=2), axis=0)
+    return g.op("Gather", g.op("Reshape", padded, rows), self.flat, axis=0)
+
+  def scatter(self, x: str) -> str:
+    """[T, W] -> [B, L, W], zeros at padding."""
+    g = self.g
+    width = g.op("Shape", x, start=1)  # [1]
+    zeros = g.op("ConstantOfShape", g.op("Concat", self.slots, width, axis=0),
+                 value=_tensor(np.zeros(1, np.float32)))  # [B*L, W]
+    padded = g.op("ScatterND", zeros, self.index, x)
+    return g.op("Reshape", padded, g.op("Concat", self.batch_length, width, axis=0))
+
+
+# Attention runs on this many slices of a batch's rows, each padded only to its own
+# longest text: callers that sort texts by length (sentence-transformers' encode,
+# OnnxEmbedder) then spend little attention on padding. 8 measured best on CPU
+# (benchmarks/encode.py); a batch of one row skips the slicing (an If).
+ATTENTION_GROUPS = 8
+
+
+def _attention_groups(g: _Graph, batch: str, length: str, key_mask: str, axes: str
+                      ) -> list[tuple[str, str, str, str]]:
+  """ATTENTION_GROUPS row slices (starts, ends, pads, key_mask) of a [B, L] batch.
+
+  Slice i holds rows [i * r, (i + 1) * r) with r = ceil(B / groups), cut to the
+  longest text m among them: starts, ends [2] slice [B, L, ...] on axes (0, 1) to
+  [rows, m, ...]; pads [6] pads a [rows, m, D] result back to [rows, L, D];
+  key_mask int32 [rows, m]. Slices past B are empty.
+  """
+  i64 = lambda v: g.const(v, dtype=np.int64)
+  lengths = g.op("ReduceSum", "attention_mask", i64([1]), keepdims=0)  # [B]
+  rows = g.op("Div", g.op("Add", batch, i64([ATTENTION_GROUPS - 1])), i64([ATTENTION_GROUPS]))
+  out = []
+  for i in range(ATTENTION_GROUPS):
+    start, end = (g.op("Min", g.op("Mul", rows, i64([j])), batch) for j in (i, i + 1))
+    # With a 1 among them, an empty slice's longest length is still defined.
+    longest = g.op("ReduceMax", g.op("Concat", g.op("Slice", lengths, start, end, i64([0])),
+                                     i64([1]), axis=0), keepdims=1)  # [1]: m
+    starts = g.op("Concat", start, i64([0]), axis=0)
+    ends = g.op("Concat", end, longest, axis=0)
+    pads = g.op("Concat", i64([0, 0, 0, 0]), g.op("Sub", length, longest), i64([0]), axis=0)
+    out.append((starts, ends, pads, g.op("Slice", key_mask, starts, ends, axes)))
+  return out
+
+
+def _multi_head(g: _Graph, qkv: str, key_mask: str, cfg: EncoderConfig) -> str:
+  """qkv [rows, m, 3D], key_mask int32 [rows, m] -> [rows, m, D] (onnxruntime's fused kernel)."""
+  d = cfg.hidden_size
+  q, k, v = g.op("Split", qkv, g.const([d, d, d], dtype=np.int64), axis=-1, outputs=3)
+  return g.op("MultiHeadAttention", q, k, v, "", key_mask, domain=CONTRIB_DOMAIN,
+              num_heads=cfg.num_heads, mask_filter_value=_NEG)
+
+
+def _attention(g: _Graph, x: str, p: dict, cfg: EncoderConfig, tokens: _Tokens,
                rope: Optional[tuple[str, str]], name: str) -> str:
-  """x [B, L, D], bias [B, 1, 1, L] (0 or _NEG per key) -> [B, L, D]."""
+  """x [T, D] (real tokens) -> [T, D].
+
+  The projections run on the real tokens; only attention itself sees padding,
+  each row slice of `tokens.groups` up to its own longest text.
+  """
   d, h, dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
   kernel = np.concatenate([_np(p[n]["kernel"]).reshape(d, d) for n in ("query", "key", "value")],
                           axis=1)  # [D, 3D]: q | k | v, each [D, H * Dh].
   qkv_bias = (np.concatenate([_np(p[n]["bias"]).reshape(d) for n in ("query", "key", "value")])
               if cfg.qkv_bias else None)
-  qkv = _dense(g, x, kernel, qkv_bias, f"{name}/qkv")  # [B, L, 3D]
-  qkv = g.op("Reshape", qkv, g.const([0, 0, 3, h, dh], dtype=np.int64))  # [B, L, 3, H, Dh]
-  qkv = g.op("Transpose", qkv, perm=[2, 0, 3, 1, 4])  # [3, B, H, L, Dh]
-  q, k, v = _split3(g, qkv)  # [B, H, L, Dh] each
+  qkv = _dense(g, x, kernel, qkv_bias, f"{name}/qkv")  # [T, 3D]
   if rope is not None:
     rot = int(dh * cfg.rotary_fraction)
-    q, k = (_rotary(g, t, *rope, rot, dh) for t in (q, k))
-  scores = g.op("MatMul", g.op("Mul", q, g.const(1.0 / math.sqrt(dh))),
-                g.op("Transpose", k, perm=[0, 1, 3, 2]))  # [B, H, L, L]
-  probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
-  out = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])  # [B, L, H, Dh]
-  out = g.op("Reshape", out, g.const([0, 0, d], dtype=np.int64))
+    q, k, v = g.op("Split", qkv, g.const([d, d, d], dtype=np.int64), axis=-1, outputs=3)
+    heads, flat = g.const([0, h, dh], dtype=np.int64), g.const([0, d], dtype=np.int64)
+    q, k = (g.op("Reshape", _rotary(g, g.op("Reshape", t, heads), *rope, rot, dh), flat)
+            for t in (q, k))  # Rotated per head, [T, H, Dh].
+    qkv = g.op("Concat", q, k, v, axis=-1)
+  qkv = tokens.scatter(qkv)  # [B, L, 3D]
+  whole = g.branch()
+  whole_out = _multi_head(whole, qkv, tokens.key_mask, cfg)
+  sliced = g.branch()
+  outs = [sliced.op("Pad", _multi_head(sliced, sliced.op("Slice", qkv, starts, ends, tokens.axes),
+                                       key_mask, cfg), pads)
+          for starts, ends, pads, key_mask in tokens.groups]  # [rows, L, D] each
+  sliced_out = sliced.op("Concat", *outs, axis=0)
+  out = g.op("If", tokens.several_rows, then_branch=sliced.subgraph(sliced_out),
+             else_branch=whole.subgraph(whole_out))  # [B, L, D]
+  out = tokens.gather(out)  # [T, D]
   return _dense(g, out, _np(p["out"]["kernel"]).reshape(d, d), p["out"]["bias"], f"{name}/out")
-
-
-def _split3(g: _Graph, qkv: str) -> tuple[str, str, str]:
-  """[3, ...] -> three [...] tensors."""
-  parts = g.op("Split", qkv, g.const([1, 1, 1], dtype=np.int64), axis=0, outputs=3)
-  axes = g.const([0], dtype=np.int64)
-  return tuple(g.op("Squeeze", part, axes) for part in parts)
 
 
 def _mlp(g: _Graph, x: str, p: dict, cfg: EncoderConfig, name: str) -> str:
@@ -150,14 +250,13 @@ def _mlp(g: _Graph, x: str, p: dict, cfg: EncoderConfig, name: str) -> str:
   return _dense(g, h, p["fc2"]["kernel"], bias("fc2"), f"{name}/fc2")
 
 
-def _moe(g: _Graph, x: str, p: dict, cfg: EncoderConfig, valid: str, name: str,
+def _moe(g: _Graph, flat: str, p: dict, cfg: EncoderConfig, name: str,
          routing_outputs: Optional[list]) -> str:
-  """Token-choice top-k MoE on x [B, L, D]; valid bool [B*L, 1] -> [B, L, D].
+  """Token-choice top-k MoE on the real tokens flat [T, D] -> [T, D].
 
   Only routed rows reach the experts: expert e multiplies its n_e rows.
   """
-  d, k = cfg.hidden_size, cfg.top_k
-  flat = g.op("Reshape", x, g.const([-1, d], dtype=np.int64))  # [T, D]
+  k = cfg.top_k
   logits = g.op("MatMul", flat, g.const(p["router"]["kernel"], f"{name}/router/kernel"),
                 name=f"{name}/router")  # [T, E] float32
   probs = g.op("Softmax", logits, axis=-1)
@@ -174,16 +273,19 @@ def _moe(g: _Graph, x: str, p: dict, cfg: EncoderConfig, valid: str, name: str,
     weights = g.op("Div", weights, norm)
   if routing_outputs is not None:
     routing_outputs.append((f"{name}/experts", experts))
-  # Padding tokens pick no expert: their slots become -1.
-  experts = g.op("Where", valid, experts, g.const(-1, dtype=np.int64))
-  rows_out, index_out = [], []
+  i64 = lambda v: g.const(v, dtype=np.int64)
+  chose = g.op("Equal", g.op("Unsqueeze", experts, i64([2])),
+               i64(np.arange(cfg.num_experts)))  # bool [T, K, E]
+  routed = g.op("ReduceMax", g.op("Cast", chose, to=6), axes=[1], keepdims=0)  # int32 [T, E]
+  # Expert outputs are concatenated in expert order, [k * T, D]; row_of[t, e] is
+  # token t's row among them (an exclusive count of expert e's earlier rows).
+  counts = g.op("ReduceSum", routed, i64([0]), keepdims=0)  # [E]
+  row_of = g.op("Add", g.op("Sub", g.op("CumSum", routed, i64(0)), g.const(1, dtype=np.int32)),
+                g.op("Sub", g.op("CumSum", counts, i64(0)), counts))  # int32 [T, E]
+  outputs = []
   for e in range(cfg.num_experts):
-    hit = g.op("Equal", experts, g.const(e, dtype=np.int64))  # [T, K]
-    weight = g.op("ReduceSum", g.op("Mul", weights, g.op("Cast", hit, to=1)),
-                  g.const([1], dtype=np.int64), keepdims=1)  # [T, 1]
-    routed = g.op("Cast", g.op("ReduceMax", g.op("Cast", hit, to=6), axes=[1], keepdims=0),
-                  to=9)  # bool [T]
-    xe = g.op("Compress", flat, routed, axis=0)  # [n_e, D]
+    rows = g.op("Cast", g.op("Gather", routed, i64(e), axis=1), to=9)  # bool [T]
+    xe = g.op("Compress", flat, rows, axis=0)  # [n_e, D]
     hidden = g.op("MatMul", xe, g.const(p["w1"][e], f"{name}/expert_{e}/w1/kernel"),
                   name=f"{name}/expert_{e}/w1")  # [n_e, F]
     if "w1_bias" in p:
@@ -194,16 +296,16 @@ def _moe(g: _Graph, x: str, p: dict, cfg: EncoderConfig, valid: str, name: str,
       hidden = g.op("Mul", _silu(g, hidden), gate)
     else:
       hidden = _gelu(g, hidden)
-    ye = g.op("MatMul", hidden, g.const(p["w2"][e], f"{name}/expert_{e}/w2/kernel"),
-              name=f"{name}/expert_{e}/w2")  # [n_e, D]
-    rows_out.append(g.op("Mul", ye, g.op("Compress", weight, routed, axis=0)))
-    index_out.append(g.op("Transpose", g.op("NonZero", routed), perm=[1, 0]))  # [n_e, 1]
-  zeros = g.op("ConstantOfShape", g.op("Shape", flat),
-               value=_tensor(np.zeros(1, np.float32)))  # [T, D]
-  y = g.op("ScatterND", zeros, g.op("Concat", *index_out, axis=0),
-           g.op("Concat", *rows_out, axis=0), reduction="add")  # [T, D]
-  y = g.op("Add", y, g.const(p["bias"], f"{name}/bias"))
-  return g.op("Reshape", y, g.op("Shape", x))
+    outputs.append(g.op("MatMul", hidden, g.const(p["w2"][e], f"{name}/expert_{e}/w2/kernel"),
+                        name=f"{name}/expert_{e}/w2"))  # [n_e, D]
+  # The combine gathers each token's k rows (a scatter-add of the rows onto their
+  # tokens would be shorter, but onnxruntime's ScatterND adds duplicate indices
+  # from several threads at once: measured run-to-run differences up to 4).
+  picked = g.op("Gather", g.op("Concat", *outputs, axis=0),
+                g.op("GatherElements", row_of, experts, axis=1), axis=0)  # [T, K, D]
+  y = g.op("ReduceSum", g.op("Mul", picked, g.op("Unsqueeze", weights, i64([2]))), i64([1]),
+           keepdims=0)  # [T, D]
+  return g.op("Add", y, g.const(p["bias"], f"{name}/bias"))
 
 
 def _tensor(array: np.ndarray):
@@ -215,8 +317,12 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
   """The encoder as an onnx.ModelProto: (input_ids, attention_mask[, token_type_ids]) ->
   last_hidden_state.
 
-  With routing_outputs, every MoE layer also outputs its chosen experts
-  `layer_{i}/experts` int64 [B*L, K] (padding rows included), for tests.
+  Padding is dropped after the embedding lookup: every per-token op (projections,
+  MLPs, experts, norms) runs on the T real tokens [T, D], and only attention's
+  scores go back to the padded [B, H, L, L]. At batch 64 on text of mixed length
+  most of a padded batch's slots are padding. Padding rows of last_hidden_state
+  are zero. With routing_outputs, every MoE layer also outputs its chosen experts
+  `layer_{i}/experts` int64 [T, K], real tokens in row-major order, for tests.
   """
   from onnx import TensorProto, helper
   cfg = config
@@ -227,53 +333,40 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
   dims = ["batch", "sequence"]
   inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dims)]
+  tokens = _Tokens(g)
   emb = enc["embeddings"]
-  x = g.op("Gather", g.const(emb["word_embeddings"]["embedding"], "word_embeddings"),
-           "input_ids", axis=0)  # [B, L, D]
+  lookup = lambda table, name, ids: g.op("Gather", g.const(table, name), ids, axis=0)
+  x = lookup(emb["word_embeddings"]["embedding"], "word_embeddings",
+             tokens.gather("input_ids"))  # [T, D]
   if cfg.type_vocab_size:
     inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, dims))
-    x = g.op("Add", x, g.op("Gather", g.const(emb["token_type_embeddings"]["embedding"],
-                                              "token_type_embeddings"), "token_type_ids", axis=0))
-  length = g.op("Shape", "input_ids", start=1, end=2)  # [1]: L
+    x = g.op("Add", x, lookup(emb["token_type_embeddings"]["embedding"], "token_type_embeddings",
+                              tokens.gather("token_type_ids")))
   rope = None
   if cfg.position_embedding == "learned":
-    # Right padding: real tokens sit at positions offset, offset + 1, ...
-    offset = g.const([cfg.position_offset], dtype=np.int64)
-    table = g.const(emb["position_embeddings"]["embedding"], "position_embeddings")
-    x = g.op("Add", x, g.op("Slice", table, offset, g.op("Add", length, offset),
-                            g.const([0], dtype=np.int64)))  # [L, D]
+    positions = g.op("Add", tokens.positions, g.const(cfg.position_offset, dtype=np.int64))
+    x = g.op("Add", x, lookup(emb["position_embeddings"]["embedding"], "position_embeddings",
+                              positions))
   else:
-    positions = g.op("Range", g.const(0, dtype=np.int64),
-                     g.op("Squeeze", length, g.const([0], dtype=np.int64)),
-                     g.const(1, dtype=np.int64))  # [L]
     rot = int(cfg.head_dim * cfg.rotary_fraction)
     inv_freq = 1.0 / (np.float32(cfg.rotary_base) ** (np.arange(0, rot, 2, dtype=np.float32)
                                                        / np.float32(rot)))
-    angles = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=1),
-                              g.const([1], dtype=np.int64)), g.const(inv_freq))  # [L, rot/2]
-    angles = g.op("Concat", angles, angles, axis=-1)  # [L, rot]
-    rope = (g.op("Cos", angles), g.op("Sin", angles))  # Broadcast over [B, H, L, rot].
-  mask = g.op("Cast", "attention_mask", to=1)  # float [B, L]
-  # Padding rows of every normalised activation are zeroed: they never reach a real
-  # token's output, and zeros keep them out of int8 activation ranges.
-  keep = g.op("Unsqueeze", mask, g.const([2], dtype=np.int64))  # [B, L, 1]
-  x = g.op("Mul", _layer_norm(g, x, emb["layer_norm"], cfg.layer_norm_eps,
-                              "embeddings/layer_norm"), keep)
-  bias = g.op("Mul", g.op("Sub", g.const(1.0), mask), g.const(_NEG))
-  bias = g.op("Unsqueeze", bias, g.const([1, 2], dtype=np.int64))  # [B, 1, 1, L]
-  valid = g.op("Cast", g.op("Reshape", "attention_mask", g.const([-1, 1], dtype=np.int64)),
-               to=9)  # bool [T, 1]
+    angles = g.op("Mul", g.op("Unsqueeze", g.op("Cast", tokens.positions, to=1),
+                              g.const([1], dtype=np.int64)), g.const(inv_freq))  # [T, rot/2]
+    angles = g.op("Unsqueeze", g.op("Concat", angles, angles, axis=-1),
+                  g.const([1], dtype=np.int64))  # [T, 1, rot]: broadcast over heads.
+    rope = (g.op("Cos", angles), g.op("Sin", angles))
+  x = _layer_norm(g, x, emb["layer_norm"], cfg.layer_norm_eps, "embeddings/layer_norm")
   routing = [] if routing_outputs else None
   for i in range(cfg.num_layers):
     p, name = enc[f"layer_{i}"], f"layer_{i}"
     eps = cfg.layer_norm_eps
     if cfg.is_moe_layer(i):
-      run_mlp = lambda h: _moe(g, h, p["mlp"], cfg, valid, f"{name}/mlp", routing)
+      run_mlp = lambda h: _moe(g, h, p["mlp"], cfg, f"{name}/mlp", routing)
     else:
       run_mlp = lambda h: _mlp(g, h, p["mlp"], cfg, f"{name}/mlp")
-    attn = lambda h: _attention(g, h, p["attention"], cfg, bias, rope, f"{name}/attention")
-    norm = lambda h, which: g.op("Mul", _layer_norm(g, h, p[which], eps, f"{name}/{which}"),
-                                 keep)
+    attn = lambda h: _attention(g, h, p["attention"], cfg, tokens, rope, f"{name}/attention")
+    norm = lambda h, which: _layer_norm(g, h, p[which], eps, f"{name}/{which}")
     if cfg.norm == "post":
       h = norm(g.op("Add", x, attn(x)), "attention_norm")
       x = norm(g.op("Add", h, run_mlp(h)), "mlp_norm")
@@ -284,7 +377,8 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
     x = _layer_norm(g, x, enc["final_norm"], cfg.layer_norm_eps, "final_norm")
   if cfg.projection_dim:
     x = g.op("MatMul", x, g.const(params["projection"]["kernel"], "projection/kernel"))
-  g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
+  g.nodes.append(helper.make_node("Identity", [tokens.scatter(x)], ["last_hidden_state"],
+                                  name="output"))
   width = cfg.embedding_dim
   outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
                                            dims + [width])]
@@ -293,8 +387,8 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
     outputs.append(helper.make_tensor_value_info(out_name, TensorProto.INT64,
                                                  ["tokens", cfg.top_k]))
   graph = helper.make_graph(g.nodes, "moe_embed_encoder", inputs, outputs, g.initializers)
-  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                            producer_name="moe_embed")
+  opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB_DOMAIN, 1)]
+  model = helper.make_model(graph, opset_imports=opsets, producer_name="moe_embed")
   model.ir_version = 8  # Readable by onnxruntime >= 1.10.
   return model
 
@@ -360,6 +454,17 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   g.nodes.append(helper.make_node("Reshape", [y, shape], [out], name=f"{name}/dequantize"))
 
 
+def _inputs(node) -> set[str]:
+  """The names a node reads, those of its If branches included."""
+  from onnx import AttributeProto
+  names = set(node.input)
+  for attr in node.attribute:
+    if attr.type == AttributeProto.GRAPH:
+      for inner in attr.g.node:
+        names |= _inputs(inner)
+  return names
+
+
 def quantize_int8(src: str, dst: str) -> None:
   """Rewrites every weight MatMul of the graph at src but FLOAT_MATMULS into int8 (dst).
 
@@ -380,7 +485,7 @@ def quantize_int8(src: str, dst: str) -> None:
       _int8_matmul(g, node.input[0], kernel, node.name, node.output[0])
     else:
       g.nodes.append(node)
-      used.update(node.input)
+      used.update(_inputs(node))
   keep = [t for name, t in weights.items() if name in used]
   del model.graph.node[:]
   model.graph.node.extend(g.nodes)
