@@ -68,8 +68,8 @@ class _Graph:
   def const(self, value, name: Optional[str] = None, dtype=np.float32) -> str:
     from onnx import numpy_helper
     name = name or self.name("const")
-    self.initializers.append(numpy_helper.from_array(
-        np.ascontiguousarray(np.asarray(value, dtype)), name))
+    # np.array keeps a scalar 0-d (np.ascontiguousarray would make it [1]).
+    self.initializers.append(numpy_helper.from_array(np.array(value, dtype, order="C"), name))
     return name
 
   def op(self, op_type: str, *inputs: str, outputs: int = 1, name: Optional[str] = None,
@@ -80,11 +80,11 @@ class _Graph:
     self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
     return outs[0] if outputs == 1 else outs
 
-  def subgraph(self, output: str):
-    """This branch's nodes as a GraphProto with the one float output `output`."""
+  def subgraph(self, output: str, width: int):
+    """This branch's nodes as a GraphProto whose one output is `output`, float [T, width]."""
     from onnx import TensorProto, helper
-    return helper.make_graph(self.nodes, self.name("branch"), [],
-                             [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+    value = helper.make_tensor_value_info(output, TensorProto.FLOAT, ["tokens", width])
+    return helper.make_graph(self.nodes, self.name("branch"), [], [value])
 
 
 def _np(x) -> np.ndarray:
@@ -126,76 +126,98 @@ def _rotary(g: _Graph, x: str, cos: str, sin: str, rot: int, head_dim: int) -> s
 
 
 class _Tokens:
-  """Where the real tokens of a right-padded [B, L] batch sit: to drop and restore padding.
+  """Where the real tokens of a right-padded [B, L] batch sit, and their layouts for attention.
 
-  flat [T] int64: the real tokens' slots among the B * L (Gather indices), index
-  [T, 1] the same as ScatterND indices, positions [T] their positions in their text.
-  For attention, `groups` cut the batch's rows into ATTENTION_GROUPS slices, each
-  to its own longest text (`_attention_groups`).
+  flat [T] int64: the real tokens' slots among the B * L, in row-major order;
+  positions [T]: their positions in their text. `whole` lays them out as the
+  batch [B, L]; `sliced` as ATTENTION_GROUPS row slices, each cut to its own
+  longest text (`_Layout`). One row (B = 1) takes `whole` (an If).
   """
 
   def __init__(self, g: _Graph):
     self.g = g
-    self.batch_length = g.op("Shape", "input_ids")  # [2]: B, L
-    self.slots = g.op("ReduceProd", self.batch_length, keepdims=1)  # [1]: B * L
-    mask = g.op("Reshape", "attention_mask", g.const([-1], dtype=np.int64))  # [B*L]
-    self.index = g.op("Transpose", g.op("NonZero", mask), perm=[1, 0])  # [T, 1]
-    self.flat = g.op("Squeeze", self.index, g.const([1], dtype=np.int64))  # [T]
-    length = g.op("Shape", "input_ids", start=1, end=2)  # [1]: L
-    self.positions = g.op("Mod", self.flat, length)  # [T]
-    self.key_mask = g.op("Cast", "attention_mask", to=6)  # int32 [B, L]
-    batch = g.op("Shape", "input_ids", start=0, end=1)  # [1]: B
-    self.several_rows = g.op("Squeeze", g.op("Greater", batch, g.const([1], dtype=np.int64)),
-                             g.const([0], dtype=np.int64))  # bool []
-    self.axes = g.const([0, 1], dtype=np.int64)
-    self.groups = _attention_groups(g, batch, length, self.key_mask, self.axes)
+    i64 = lambda v: g.const(v, dtype=np.int64)
+    scalar = lambda t: g.op("Squeeze", t, i64([0]))
+    mask = g.op("Reshape", "attention_mask", i64([-1]))  # [B*L]
+    self.flat = g.op("Squeeze", g.op("NonZero", mask), i64([0]))  # [T]
+    count = scalar(g.op("Shape", self.flat))  # []: T, also the index of a zero row.
+    batch = scalar(g.op("Shape", "input_ids", start=0, end=1))  # []: B
+    length = scalar(g.op("Shape", "input_ids", start=1, end=2))  # []: L
+    row, self.positions = g.op("Div", self.flat, length), g.op("Mod", self.flat, length)  # [T]
+    lengths = g.op("ReduceSum", "attention_mask", i64([1]), keepdims=0)  # [B]
+    offsets = g.op("CumSum", lengths, i64(0), exclusive=1)  # [B]: each text's first token.
+    layout = lambda groups, width: _Layout(g, groups, batch, lengths, offsets, count, row,
+                                           self.positions, width)
+    self.whole = layout(1, length)
+    self.sliced = layout(ATTENTION_GROUPS, None)
+    self.several_rows = g.op("Greater", batch, i64(1))  # bool []
 
-  def gather(self, padded: str) -> str:
-    """[B, L, ...] -> [T, ...]: the real tokens' rows."""
+  def real(self, padded: str) -> str:
+    """[B, L] -> [T]: the real tokens' entries."""
     g = self.g
-    rows = g.op("Concat", self.slots, g.op("Shape", padded, start=2), axis=0)
-    return g.op("Gather", g.op("Reshape", padded, rows), self.flat, axis=0)
+    return g.op("Gather", g.op("Reshape", padded, g.const([-1], dtype=np.int64)), self.flat,
+                axis=0)
 
-  def scatter(self, x: str) -> str:
-    """[T, W] -> [B, L, W], zeros at padding."""
-    g = self.g
-    width = g.op("Shape", x, start=1)  # [1]
-    zeros = g.op("ConstantOfShape", g.op("Concat", self.slots, width, axis=0),
-                 value=_tensor(np.zeros(1, np.float32)))  # [B*L, W]
-    padded = g.op("ScatterND", zeros, self.index, x)
-    return g.op("Reshape", padded, g.op("Concat", self.batch_length, width, axis=0))
+  def pad(self, x: str, width: int) -> str:
+    """[T, width] -> [B, L, width], zeros at padding."""
+    return self.g.op("Gather", _with_zero_row(self.g, x, width), self.whole.index[0], axis=0)
+
+
+def _with_zero_row(g: _Graph, x: str, width: int) -> str:
+  """[T, width] -> [T + 1, width]: row T, where layouts put padding, is zero."""
+  return g.op("Concat", x, g.const(np.zeros((1, width))), axis=0)
 
 
 # Attention runs on this many slices of a batch's rows, each padded only to its own
 # longest text: callers that sort texts by length (sentence-transformers' encode,
-# OnnxEmbedder) then spend little attention on padding. 8 measured best on CPU
-# (benchmarks/encode.py); a batch of one row skips the slicing (an If).
+# OnnxEmbedder) then spend little attention on padding. At batch 64 on the
+# benchmark's texts, 8 and 16 measured alike.
 ATTENTION_GROUPS = 8
 
 
-def _attention_groups(g: _Graph, batch: str, length: str, key_mask: str, axes: str
-                      ) -> list[tuple[str, str, str, str]]:
-  """ATTENTION_GROUPS row slices (starts, ends, pads, key_mask) of a [B, L] batch.
+class _Layout:
+  """The real tokens as `groups` row slices for attention, built once per batch.
 
-  Slice i holds rows [i * r, (i + 1) * r) with r = ceil(B / groups), cut to the
-  longest text m among them: starts, ends [2] slice [B, L, ...] on axes (0, 1) to
-  [rows, m, ...]; pads [6] pads a [rows, m, D] result back to [rows, L, D];
-  key_mask int32 [rows, m]. Slices past B are empty.
+  Slice i holds rows [i * r, (i + 1) * r), r = ceil(B / groups), and is cut to
+  `width` (or to the longest text among them, m). index[i] int64 [rows, m]: each
+  slot's token (T, a zero row, at padding); key_mask[i] int32 [rows, m]; back
+  [T]: each token's row in the slices' outputs [sum rows * m, ...], concatenated.
+  Slices past B are empty.
   """
-  i64 = lambda v: g.const(v, dtype=np.int64)
-  lengths = g.op("ReduceSum", "attention_mask", i64([1]), keepdims=0)  # [B]
-  rows = g.op("Div", g.op("Add", batch, i64([ATTENTION_GROUPS - 1])), i64([ATTENTION_GROUPS]))
-  out = []
-  for i in range(ATTENTION_GROUPS):
-    start, end = (g.op("Min", g.op("Mul", rows, i64([j])), batch) for j in (i, i + 1))
-    # With a 1 among them, an empty slice's longest length is still defined.
-    longest = g.op("ReduceMax", g.op("Concat", g.op("Slice", lengths, start, end, i64([0])),
-                                     i64([1]), axis=0), keepdims=1)  # [1]: m
-    starts = g.op("Concat", start, i64([0]), axis=0)
-    ends = g.op("Concat", end, longest, axis=0)
-    pads = g.op("Concat", i64([0, 0, 0, 0]), g.op("Sub", length, longest), i64([0]), axis=0)
-    out.append((starts, ends, pads, g.op("Slice", key_mask, starts, ends, axes)))
-  return out
+
+  def __init__(self, g: _Graph, groups: int, batch: str, lengths: str, offsets: str,
+               count: str, row: str, position: str, width: Optional[str]):
+    i64 = lambda v: g.const(v, dtype=np.int64)
+    unsqueeze = lambda t, axis: g.op("Unsqueeze", t, i64([axis]))
+    rows = g.op("Div", g.op("Add", batch, i64(groups - 1)), i64(groups))  # []: r
+    self.index, self.key_mask, longest, sizes = [], [], [], []
+    for i in range(groups):
+      start, end = (g.op("Min", g.op("Mul", rows, i64(j)), batch) for j in (i, i + 1))
+      texts = g.op("Range", start, end, i64(1))  # [rows]
+      length = g.op("Gather", lengths, texts, axis=0)  # [rows]
+      # With a 1 among them, an empty slice's longest length is still defined.
+      m = width or g.op("ReduceMax", g.op("Concat", length, i64([1]), axis=0), keepdims=0)
+      column = unsqueeze(g.op("Range", i64(0), m, i64(1)), 0)  # [1, m]
+      real = g.op("Less", column, unsqueeze(length, 1))  # bool [rows, m]
+      token = g.op("Add", unsqueeze(g.op("Gather", offsets, texts, axis=0), 1), column)
+      self.index.append(g.op("Where", real, token, count))  # [rows, m]
+      self.key_mask.append(g.op("Cast", real, to=6))
+      longest.append(unsqueeze(m, 0))
+      sizes.append(unsqueeze(g.op("Mul", g.op("Sub", end, start), m), 0))
+    group = g.op("Div", row, rows)  # [T]: each token's slice.
+    base = g.op("CumSum", g.op("Concat", *sizes, axis=0), i64(0), exclusive=1)  # [groups]
+    within = g.op("Sub", row, g.op("Mul", group, rows))  # [T]: its row within the slice.
+    self.back = g.op("Add", g.op("Add", g.op("Gather", base, group, axis=0), position),
+                     g.op("Mul", within, g.op("Gather", g.op("Concat", *longest, axis=0),
+                                                 group, axis=0)))  # [T]
+
+  def attend(self, g: _Graph, qkv: str, cfg: EncoderConfig) -> str:
+    """qkv [T + 1, 3D] (zero last row) -> attention output [T, D], slice by slice."""
+    outs = [g.op("Reshape", _multi_head(g, g.op("Gather", qkv, index, axis=0), key_mask, cfg),
+                 g.const([-1, cfg.hidden_size], dtype=np.int64))
+            for index, key_mask in zip(self.index, self.key_mask)]  # [rows * m, D] each
+    return g.op("Gather", g.op("Concat", *outs, axis=0) if len(outs) > 1 else outs[0],
+                self.back, axis=0)
 
 
 def _multi_head(g: _Graph, qkv: str, key_mask: str, cfg: EncoderConfig) -> str:
@@ -211,7 +233,7 @@ def _attention(g: _Graph, x: str, p: dict, cfg: EncoderConfig, tokens: _Tokens,
   """x [T, D] (real tokens) -> [T, D].
 
   The projections run on the real tokens; only attention itself sees padding,
-  each row slice of `tokens.groups` up to its own longest text.
+  in `tokens.sliced`'s row slices (a batch of one row: `tokens.whole`).
   """
   d, h, dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
   kernel = np.concatenate([_np(p[n]["kernel"]).reshape(d, d) for n in ("query", "key", "value")],
@@ -226,17 +248,11 @@ def _attention(g: _Graph, x: str, p: dict, cfg: EncoderConfig, tokens: _Tokens,
     q, k = (g.op("Reshape", _rotary(g, g.op("Reshape", t, heads), *rope, rot, dh), flat)
             for t in (q, k))  # Rotated per head, [T, H, Dh].
     qkv = g.op("Concat", q, k, v, axis=-1)
-  qkv = tokens.scatter(qkv)  # [B, L, 3D]
-  whole = g.branch()
-  whole_out = _multi_head(whole, qkv, tokens.key_mask, cfg)
-  sliced = g.branch()
-  outs = [sliced.op("Pad", _multi_head(sliced, sliced.op("Slice", qkv, starts, ends, tokens.axes),
-                                       key_mask, cfg), pads)
-          for starts, ends, pads, key_mask in tokens.groups]  # [rows, L, D] each
-  sliced_out = sliced.op("Concat", *outs, axis=0)
-  out = g.op("If", tokens.several_rows, then_branch=sliced.subgraph(sliced_out),
-             else_branch=whole.subgraph(whole_out))  # [B, L, D]
-  out = tokens.gather(out)  # [T, D]
+  qkv = _with_zero_row(g, qkv, 3 * d)  # [T + 1, 3D]
+  sliced, whole = g.branch(), g.branch()
+  out = g.op("If", tokens.several_rows,
+             then_branch=sliced.subgraph(tokens.sliced.attend(sliced, qkv, cfg), d),
+             else_branch=whole.subgraph(tokens.whole.attend(whole, qkv, cfg), d))  # [T, D]
   return _dense(g, out, _np(p["out"]["kernel"]).reshape(d, d), p["out"]["bias"], f"{name}/out")
 
 
@@ -308,20 +324,15 @@ def _moe(g: _Graph, flat: str, p: dict, cfg: EncoderConfig, name: str,
   return g.op("Add", y, g.const(p["bias"], f"{name}/bias"))
 
 
-def _tensor(array: np.ndarray):
-  from onnx import numpy_helper
-  return numpy_helper.from_array(array)
-
-
 def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = False):
   """The encoder as an onnx.ModelProto: (input_ids, attention_mask[, token_type_ids]) ->
   last_hidden_state.
 
   Padding is dropped after the embedding lookup: every per-token op (projections,
-  MLPs, experts, norms) runs on the T real tokens [T, D], and only attention's
-  scores go back to the padded [B, H, L, L]. At batch 64 on text of mixed length
-  most of a padded batch's slots are padding. Padding rows of last_hidden_state
-  are zero. With routing_outputs, every MoE layer also outputs its chosen experts
+  MLPs, experts, norms) runs on the T real tokens [T, D], and attention on row
+  slices each padded to its own longest text (`_Tokens`). At batch 64 on text of
+  mixed length most of a padded batch's slots are padding. Padding rows of
+  last_hidden_state are zero. With routing_outputs, every MoE layer also outputs its chosen experts
   `layer_{i}/experts` int64 [T, K], real tokens in row-major order, for tests.
   """
   from onnx import TensorProto, helper
@@ -337,11 +348,11 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
   emb = enc["embeddings"]
   lookup = lambda table, name, ids: g.op("Gather", g.const(table, name), ids, axis=0)
   x = lookup(emb["word_embeddings"]["embedding"], "word_embeddings",
-             tokens.gather("input_ids"))  # [T, D]
+             tokens.real("input_ids"))  # [T, D]
   if cfg.type_vocab_size:
     inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, dims))
     x = g.op("Add", x, lookup(emb["token_type_embeddings"]["embedding"], "token_type_embeddings",
-                              tokens.gather("token_type_ids")))
+                              tokens.real("token_type_ids")))
   rope = None
   if cfg.position_embedding == "learned":
     positions = g.op("Add", tokens.positions, g.const(cfg.position_offset, dtype=np.int64))
@@ -377,9 +388,9 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
     x = _layer_norm(g, x, enc["final_norm"], cfg.layer_norm_eps, "final_norm")
   if cfg.projection_dim:
     x = g.op("MatMul", x, g.const(params["projection"]["kernel"], "projection/kernel"))
-  g.nodes.append(helper.make_node("Identity", [tokens.scatter(x)], ["last_hidden_state"],
-                                  name="output"))
   width = cfg.embedding_dim
+  g.nodes.append(helper.make_node("Identity", [tokens.pad(x, width)], ["last_hidden_state"],
+                                  name="output"))
   outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
                                            dims + [width])]
   for out_name, value in routing or []:
