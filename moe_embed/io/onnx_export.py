@@ -171,8 +171,10 @@ def _with_zero_row(g: _Graph, x: str, width: int) -> str:
 # Attention runs on this many slices of a batch's rows, each padded only to its own
 # longest text: callers that sort texts by length (sentence-transformers' encode,
 # OnnxEmbedder) then spend little attention on padding. At batch 64 on the
-# benchmark's texts, 8 and 16 measured alike.
-ATTENTION_GROUPS = 8
+# benchmark's texts 16 slices measured 0-9% faster than 8 (within this machine's noise
+# for the MoE); a batch of one row takes one slice (an If), as the slices past B cost
+# a few percent there.
+ATTENTION_GROUPS = 16
 
 
 class _Layout:
