@@ -23,6 +23,14 @@ its own tokens) per second over the matmul peak measured in the same rounds.
 
 JSON rows: {model, widths, mode, real_tokens_per_s, step_ms, real_token_share,
 mfu, batch, rows, pack_length, step_ms_runs}; mode is 'padded' or 'packed'.
+
+Before the timings it prints, for each width pair and each --layouts entry QxU
+(Q queries per packing unit, U units of a GradCache chunk on one process: its
+devices), the rows `packing.size_rows` gives with and without balancing the U
+units (input.pack_balance) and the real-token share they imply on this corpus:
+the fill a pod slice's step would get (v5p-64 pretraining: 16 queries per unit,
+4 chips per host). This step runs on one device, so its own units are not
+balanced.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (median).")
 _SHARE_BATCHES = flags.DEFINE_integer("share_batches", 20,
                                       "Batches averaged for real_token_share.")
 _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024"], "Square matmul sizes for the peak.")
+_LAYOUTS = flags.DEFINE_list("layouts", ["16x4", "16x8", "32x4", "64x4"],
+                             "QxU: queries per packing unit x units balanced together.")
 
 
 def _config(name: str):
@@ -85,6 +95,21 @@ def _share(batches) -> float:
   return real / slots
 
 
+def _fill_by_layout(lengths: np.ndarray, widths: str, layouts: list[str]) -> None:
+  """Rows per unit and real-token share for each QxU layout, units balanced or not."""
+  from moe_embed.data import packing
+  lq, ld = (int(w) for w in widths.split("/"))
+  pack_length = max(lq, ld)
+  per_example = lengths.sum(1).mean()
+  for layout in layouts:
+    q, u = (int(x) for x in layout.split("x"))
+    rows = {g: packing.size_rows([lengths], q, pack_length, widths=[lq, ld], balanced_units=g)
+            for g in (1, u)}
+    share = {g: q * per_example / (r * pack_length) for g, r in rows.items()}
+    print(f"  {widths} {q} queries per unit: {rows[1]} rows (share {share[1]:.3f}) as drawn, "
+          f"{rows[u]} rows (share {share[u]:.3f}) with {u} units balanced", flush=True)
+
+
 def main(argv):
   del argv
   unknown = sorted(set(_MODELS.value) - set(MODELS))
@@ -109,6 +134,11 @@ def main(argv):
       print(f"  {widths} {mode}: mean real_token_share {meta[(widths, mode)]['mean_share']:.3f}"
             + (f", {meta[(widths, mode)]['rows']} rows of {it.pack_length}"
                if mode == "packed" else ""), flush=True)
+      if mode == "padded" and _LAYOUTS.value:
+        lengths = np.concatenate([np.stack([np.asarray(x) for x in (
+            step_lib.text_lengths(b)[0], step_lib.text_lengths(b)[1][:, 0])], 1)
+            for b in sample])  # [examples, (query, document)]
+        _fill_by_layout(lengths, widths, _LAYOUTS.value)
 
   runs, info = {}, {}
   for name in _MODELS.value:

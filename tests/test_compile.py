@@ -82,7 +82,26 @@ def test_step_time_is_xla_estimate_scaled_for_its_loops(ragged_ep4):
   _, result, _ = ragged_ep4
   assert result["xla_optimal_seconds"] > 0 and result["loop_flop_ratio"] == 1.0
   assert result["estimated_step_s"] == result["xla_optimal_seconds"]
+  assert result["step_estimate"] == "xla_cost_model"
   assert 0 < result["estimated_mfu"] < 1
+  # Where both exist, the roofline of XLA's cost analysis is near its cost model's time.
+  assert 0.5 < result["roofline_seconds"] / result["xla_optimal_seconds"] < 2
+
+
+def test_step_time_falls_back_to_the_roofline_where_xla_gives_none():
+  """v5e's cost model answers -3 s for the tiny step; the estimate is then the roofline
+  of the compiled program's FLOPs and bytes at v5e's published peak and bandwidth."""
+  result, compiled = aot.compile_step(_tiny(expert=1), aot.parse_topology("v5e-4"))
+  assert result["xla_optimal_seconds"] <= 0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  expected = max(cost["flops"] / 197e12, cost["bytes accessed"] / 819e9)
+  assert result["step_estimate"] == "roofline"
+  assert result["estimated_step_s"] == pytest.approx(expected * result["loop_flop_ratio"])
+  # XLA's FLOPs include what the model FLOPs leave out (optimizer, norms): MFU below 1.
+  assert 0 < result["estimated_mfu"] < 1
+  assert result["estimated_tokens_per_s_per_chip"] == pytest.approx(
+      result["tokens_per_step"] / result["estimated_step_s"] / 4)
 
 
 def test_loop_flop_ratio_counts_each_iteration_of_a_loop():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moe_embed import data
-from moe_embed.data import corpus_stdlib, dataset, jsonl
+from moe_embed.data import corpus_stdlib, dataset, jsonl, packing
 from moe_embed.tokenizers import train_sentencepiece
 from tests.records import pair_records, write_jsonl
 
@@ -274,11 +274,15 @@ def test_packed_batches_hold_the_padded_batches_texts(ds, tokenizer, process_ind
     rows = packed["packed_ids"].reshape(units, -1)
     segments = packed["packed_segment_ids"].reshape(units, -1)
     positions = packed["packed_positions"].reshape(units, -1)
+    # The process's two units (one chunk, two devices) are balanced first.
+    tokens = sum(padded[k].reshape(4, -1).sum(1) for k in ("query_mask", "doc_mask", "neg_mask"))
+    order = packing.chunk_balanced_order(tokens, shards=2, chunks=1)
+    assert tokens[order].reshape(2, 2).sum(1).max() <= tokens.reshape(2, 2).sum(1).max()
     for u in range(units):
       texts = []
-      for i in range(u * per, (u + 1) * per):
+      for i in order[u * per:(u + 1) * per]:
         texts.append(padded["query_ids"][i][padded["query_mask"][i]])
-      for i in range(u * per, (u + 1) * per):
+      for i in order[u * per:(u + 1) * per]:
         texts.append(padded["doc_ids"][i][padded["doc_mask"][i]])
         texts += [padded["neg_ids"][i, j][padded["neg_mask"][i, j]] for j in range(2)]
       for s, text in enumerate(texts):

@@ -66,6 +66,42 @@ def test_size_rows_covers_the_sampled_units():
   assert (packing.size_rows([sample], 16, 64, widths=[60, 60]) == rows)  # Cap not reached.
 
 
+def test_balanced_order_evens_the_units_and_keeps_each_chunk():
+  rng = np.random.default_rng(5)
+  tokens = np.sort(rng.integers(1, 200, size=64))[::-1]  # Drawn in order: the worst case.
+  order = packing.balanced_order(tokens, units=4)
+  assert sorted(order) == list(range(64))
+  loads = tokens[order].reshape(4, 16).sum(1)
+  drawn = tokens.reshape(4, 16).sum(1)
+  # Greedy's bound: the heaviest unit is within one example of the mean.
+  assert loads.max() <= tokens.sum() / 4 + tokens.max() and loads.max() < 0.6 * drawn.max()
+  # Two shards x three chunks of 5 examples (step.split_chunks' layout): every example
+  # stays in its chunk, and each chunk's two units come out even.
+  tokens = rng.integers(1, 100, size=30)
+  order = packing.chunk_balanced_order(tokens, shards=2, chunks=3)
+  chunk_of = lambda i: (i % 15) // 5
+  assert sorted(order) == list(range(30))
+  assert [chunk_of(i) for i in order] == [chunk_of(i) for i in range(30)]
+  units = tokens[order].reshape(2, 3, 5).sum(-1)  # [shard, chunk]
+  drawn = tokens.reshape(2, 3, 5).sum(-1)
+  assert (np.abs(units[0] - units[1]) <= tokens.max()).all()
+  assert units.max(0).sum() <= drawn.max(0).sum()
+  np.testing.assert_array_equal(packing.chunk_balanced_order(tokens, 1, 3), np.arange(30))
+
+
+def test_balanced_units_need_fewer_rows():
+  rng = np.random.default_rng(3)
+  sample = np.stack([rng.integers(2, 30, 1000), rng.integers(2, 120, 1000)], 1)
+  alone = packing.size_rows([sample], texts_per_unit=16, pack_length=128)
+  balanced = packing.size_rows([sample], texts_per_unit=16, pack_length=128, balanced_units=4)
+  assert balanced < alone
+  for _ in range(10):  # Balanced units of 4 drawn alike fit the balanced rows.
+    pick = sample[rng.integers(0, 1000, 64)]
+    pick = pick[packing.balanced_order(pick.sum(1), 4)]
+    assert max(packing.rows_needed(pick[u * 16:(u + 1) * 16].reshape(-1), 128)
+               for u in range(4)) <= balanced
+
+
 def _small(name):
   if name == "minilm":  # Learned absolute positions, token types, dense.
     return model_config.preset("minilm", vocab_size=512, hidden_size=32, num_heads=4,
@@ -141,6 +177,13 @@ def test_packed_step_equals_padded_step(shards, chunk, expert, exchange):
                             z_loss_coef=1e-3)
   b, n, lq, ld = 16, 1, 8, 12
   padded, (q, d, negs) = _padded_batch(config, np.random.default_rng(4), b, n, lq, ld)
+  # Each chunk's units balanced, as the iterator packs them: the step is still the
+  # padded one's, examples having moved only between the devices of their chunk.
+  tokens = np.array([len(q[i]) + len(d[i]) + sum(map(len, negs[i])) for i in range(b)])
+  order = packing.chunk_balanced_order(tokens, shards, b // chunk if chunk else 1)
+  if shards > 1:
+    assert (order != np.arange(b)).any()
+  q, d, negs = ([x[i] for i in order] for x in (q, d, negs))
   units = shards * (b // chunk if chunk else 1)
   per = b // units
   rows = max(packing.rows_needed([len(t) for i in range(u * per, (u + 1) * per)

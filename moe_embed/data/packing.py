@@ -8,6 +8,15 @@ documents in [query, group] order; a token's segment id is its text's number
 + 1 (0 = slack at a row's end, i.e. padding), and its position counts from 0
 within its text. Rows are filled first-fit, longest text first.
 
+A process balances its units before packing (`balanced_order`): the examples of
+one GradCache chunk are dealt out among that chunk's units (one per device) so
+that each unit holds about the same number of tokens. An example never leaves
+its chunk, so each chunk's texts, its router statistics and the InfoNCE loss of
+the step (which no order of examples changes) are those of the unbalanced batch.
+Rows are sized for the heaviest unit, so evening the units out lowers the rows
+every unit gets: at 16 queries per unit on the embedded corpus (128/128), the
+heaviest of 4 units needs 13 rows balanced against 15 as drawn.
+
 Overflow has a fixed home: the rows are sized at start-up from the dataset's
 length statistics (`size_rows`), and a unit whose texts still do not fit is
 packed with every text capped at the longest length that fits
@@ -19,6 +28,7 @@ rows * pack_length >= texts per unit, so capping always succeeds.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from typing import Sequence
 
@@ -44,6 +54,44 @@ def first_fit(lengths: np.ndarray, num_rows: int, pack_length: int
     row[i], offset[i] = r, pack_length - remaining[r]
     remaining[r] -= lengths[i]
   return row, offset
+
+
+def balanced_order(tokens: np.ndarray, units: int) -> np.ndarray:
+  """Permutation of n = units * q examples: entries [u * q, (u + 1) * q) are unit u's.
+
+  Greedy, longest example first into the unit with the fewest tokens and room
+  left, so the heaviest unit carries little more than the mean. tokens int [n]:
+  each example's tokens (query, document, negatives); ties keep batch order.
+  """
+  tokens = np.asarray(tokens)
+  per = len(tokens) // units
+  if units <= 1 or per == 0:
+    return np.arange(len(tokens))
+  lightest = [(0, u) for u in range(units)]  # (tokens so far, unit): a heap.
+  members: list[list[int]] = [[] for _ in range(units)]
+  for i in np.argsort(-tokens, kind="stable"):
+    load, u = heapq.heappop(lightest)
+    members[u].append(int(i))
+    if len(members[u]) < per:
+      heapq.heappush(lightest, (load + int(tokens[i]), u))
+  return np.array([i for unit in members for i in sorted(unit)], np.int64)
+
+
+def chunk_balanced_order(tokens: np.ndarray, shards: int, chunks: int) -> np.ndarray:
+  """Permutation of a process's examples [shards * chunks * q] that balances the units
+  of each GradCache chunk among themselves.
+
+  The batch layout is that of `step.split_chunks`: shard s holds a contiguous block,
+  and unit s * chunks + j (chunk j of shard s) its j-th slice of q examples. Each
+  chunk's examples are dealt out among its `shards` units by `balanced_order`.
+  """
+  tokens = np.asarray(tokens)
+  per = len(tokens) // (shards * chunks)
+  order = np.arange(len(tokens)).reshape(shards, chunks, per)
+  for j in range(chunks):
+    members = order[:, j].reshape(-1)  # The chunk's examples, shard by shard.
+    order[:, j] = members[balanced_order(tokens[members], shards)].reshape(shards, per)
+  return order.reshape(-1)
 
 
 def rows_needed(lengths: np.ndarray, pack_length: int) -> int:
@@ -133,11 +181,14 @@ def pack_batch(queries: Sequence[Sequence[int]], docs: Sequence[Sequence[int]],
 
 
 def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_length: int,
-              seed: int = 0, widths: Sequence[int] | None = None) -> int:
-  """Rows per unit from length statistics: `SIMULATED_UNITS` units drawn from each sample.
+              seed: int = 0, widths: Sequence[int] | None = None,
+              balanced_units: int = 1) -> int:
+  """Rows per unit from length statistics: at least `SIMULATED_UNITS` units drawn from
+  each sample, in groups of `balanced_units` balanced together (`balanced_order`).
 
   example_lengths: one int array [examples, texts per example] per source (a unit is
-  one source's: every step draws one source); texts_per_unit: examples per unit.
+  one source's: every step draws one source); texts_per_unit: examples per unit;
+  balanced_units: units of a chunk one process balances (its devices), 1 for none.
   Returns the most rows any simulated unit needed, with `ROW_HEADROOM`, and at least
   enough rows for every text to keep one token; given the texts' `widths` [texts per
   example] (their longest lengths), never more than a unit of texts at full width
@@ -145,11 +196,15 @@ def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_l
   """
   rng = np.random.default_rng(seed)
   most = 1
+  group = max(1, balanced_units)
   for sample in example_lengths:
     sample = np.asarray(sample)
-    for _ in range(SIMULATED_UNITS):
-      pick = sample[rng.integers(0, len(sample), size=texts_per_unit)].reshape(-1)
-      most = max(most, rows_needed(pick, pack_length))
+    for _ in range(max(8, math.ceil(SIMULATED_UNITS / group)) if group > 1 else SIMULATED_UNITS):
+      pick = sample[rng.integers(0, len(sample), size=texts_per_unit * group)]
+      pick = pick[balanced_order(pick.sum(axis=1), group)]
+      for u in range(group):
+        unit = pick[u * texts_per_unit:(u + 1) * texts_per_unit].reshape(-1)
+        most = max(most, rows_needed(unit, pack_length))
   texts = texts_per_unit * (np.asarray(example_lengths[0]).shape[1] if example_lengths else 1)
   rows = max(math.ceil(most * ROW_HEADROOM), math.ceil(texts / pack_length))
   if widths is not None:

@@ -21,7 +21,10 @@ pack_length tokens:
   packed_ids, packed_segment_ids, packed_positions int32 [u * R, pack_length],
   query_lengths int32 [u, q], doc_lengths int32 [u, q, 1 + N] (tokens each text
   kept; the positive first), packed_capped int32 [u] (texts capped to fit).
-R is sized once at start-up from the lengths of a sample of every source
+Before packing, the examples of each GradCache chunk are dealt out among that
+chunk's local units so that each holds about as many tokens (input.pack_balance,
+`packing.chunk_balanced_order`): unit order is no longer batch order, but every
+example stays in its chunk. R is sized once at start-up from the lengths of a sample of every source
 (`packing.size_rows`, the same on every process), so shapes never change.
 
 Prompts and lengths are per source (the reference pretrains with
@@ -106,6 +109,10 @@ class InputConfig:
   # to its width. Rows per step are sized from the data at start-up.
   packing: bool = False
   pack_length: int = 0  # Tokens per packed row; 0 = max(max_query_len, max_doc_len).
+  # Even out the tokens of each GradCache chunk's units (one per device) before packing,
+  # so fewer rows hold the heaviest unit (`packing.chunk_balanced_order`). Examples stay
+  # in their chunk: the loss and router statistics are unchanged.
+  pack_balance: bool = True
 
   def __post_init__(self):
     width = max(self.max_query_len, self.max_doc_len)
@@ -167,9 +174,10 @@ class TrainIterator:
   def __init__(self, data_dir: str, *, inputs: InputConfig, tokenizer, global_batch_size: int,
                seed: int = 0, process_index: int = 0, process_count: int = 1,
                state: Optional[dict] = None, prefetch: int = 2, pack_units: int = 1,
-               pack_rows: int = 0):
+               pack_rows: int = 0, pack_chunks: int = 1):
     """pack_units: packing units in the global batch (with input.packing); pack_rows:
-    rows per unit, 0 = sized from the data at start-up."""
+    rows per unit, 0 = sized from the data at start-up; pack_chunks: GradCache chunks
+    per step (the units are batch shards x chunks)."""
     info = dataset.read_info(data_dir)
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
@@ -224,7 +232,7 @@ class TrainIterator:
     self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
     self.packing = inputs.packing
     if self.packing:
-      self._setup_packing(inputs, pack_units, process_count, pack_rows)
+      self._setup_packing(inputs, pack_units, process_count, pack_rows, pack_chunks)
     self._state = {"step": 0, "cursors": {s: 0 for s in self.sources}}
     self._prefetch = prefetch
     self._queue: Optional[queue.Queue] = None
@@ -232,16 +240,25 @@ class TrainIterator:
       self.set_state(state)
 
   def _setup_packing(self, inputs: InputConfig, pack_units: int, process_count: int,
-                     pack_rows: int) -> None:
+                     pack_rows: int, pack_chunks: int) -> None:
     if pack_units <= 0 or pack_units % process_count or self.batch_size % pack_units:
       raise ValueError(f"{pack_units} packing units do not split batch_size="
                        f"{self.batch_size} over {process_count} processes evenly.")
     self.pack_length = inputs.pack_length or max(self.max_query_len, self.max_doc_len)
     self.local_units = pack_units // process_count
+    if pack_chunks <= 0:
+      raise ValueError(f"pack_chunks={pack_chunks} must be a positive count of GradCache chunks.")
+    self.pack_chunks = pack_chunks
+    # Units of one chunk this process balances: one per local batch shard (none where a
+    # shard spans processes).
+    self.balanced_units = (self.local_units // pack_chunks
+                           if inputs.pack_balance and self.local_units % pack_chunks == 0 else 1)
     self.texts_per_unit = self.batch_size // pack_units  # Queries per unit.
     self.pack_rows = pack_rows or self.size_pack_rows()
-    logging.info("Packing %d queries (+ documents) per unit into %d rows of %d tokens.",
-                 self.texts_per_unit, self.pack_rows, self.pack_length)
+    logging.info("Packing %d queries (+ documents) per unit into %d rows of %d tokens%s.",
+                 self.texts_per_unit, self.pack_rows, self.pack_length,
+                 f", {self.balanced_units} units of each chunk balanced"
+                 if self.balanced_units > 1 else "")
 
   def size_pack_rows(self, sample: int = PACK_SAMPLE) -> int:
     """Rows per packing unit from the token lengths of each source's first `sample`
@@ -256,7 +273,8 @@ class TrainIterator:
       lengths = [[len(a), len(b)] + [len(x) for x in ns] for a, b, ns in zip(q, d, negs)]
       stats.append(np.array(lengths, np.int64))
     widths = [self.max_query_len] + [self.max_doc_len] * (stats[0].shape[1] - 1 if stats else 1)
-    return packing.size_rows(stats, self.texts_per_unit, self.pack_length, self.seed, widths)
+    return packing.size_rows(stats, self.texts_per_unit, self.pack_length, self.seed, widths,
+                             self.balanced_units)
 
   # -- State ---------------------------------------------------------------
   def get_state(self) -> dict:
@@ -344,7 +362,12 @@ class TrainIterator:
     return q, d, negs
 
   def pack(self, q, d, negs) -> dict[str, np.ndarray]:
-    """The packed batch of token lists (see the module docstring)."""
+    """The packed batch of token lists (see the module docstring), each chunk's units
+    balanced first (input.pack_balance)."""
+    if self.balanced_units > 1:
+      tokens = np.array([len(a) + len(b) + sum(map(len, ns)) for a, b, ns in zip(q, d, negs)])
+      order = packing.chunk_balanced_order(tokens, self.balanced_units, self.pack_chunks)
+      q, d, negs = ([x[i] for i in order] for x in (q, d, negs))
     return packing.pack_batch(q, d, negs, self.local_units, self.pack_rows, self.pack_length,
                               self.tokenizer.pad_id)
 
@@ -398,7 +421,12 @@ def make_train_iterator(data_dir: str, **kwargs) -> TrainIterator:
 
 def pack_units(batch_size: int, grad_cache_chunk: int, batch_shards: int) -> int:
   """Packing units per global batch: one per device share of each GradCache chunk."""
-  return batch_shards * (batch_size // grad_cache_chunk if grad_cache_chunk else 1)
+  return batch_shards * pack_chunks(batch_size, grad_cache_chunk)
+
+
+def pack_chunks(batch_size: int, grad_cache_chunk: int) -> int:
+  """GradCache chunks per step (1 without GradCache)."""
+  return batch_size // grad_cache_chunk if grad_cache_chunk else 1
 
 
 def batch_shapes(inputs: InputConfig, batch_size: int, units: int = 0, rows: int = 0

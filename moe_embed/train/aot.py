@@ -48,16 +48,17 @@ class Chip:
   name: str  # libtpu's name, the prefix of a topology string ('v5p').
   hbm_bytes: int  # HBM per chip.
   peak_bf16_flops: float  # Peak bfloat16 FLOP/s per chip.
+  hbm_bytes_per_s: float  # HBM bandwidth per chip (published figures).
   cores_per_chip: int  # TensorCores counted per chip by the accelerator type ('v5p-8').
   dims: int  # Torus dimensions of a slice: 3 (v4, v5p) or 2 (v5e, v6e).
   chip_config: Optional[str] = None  # libtpu chip_config_name ('megacore': 1 device/chip).
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 2, 3, chip_config="megacore"),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 1, 2),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2, 3),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1, 2),
+    "v4": Chip("v4", 32 * GiB, 275e12, 1228e9, 2, 3, chip_config="megacore"),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 1, 2),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, 2, 3),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9, 1, 2),
 }
 # Accelerator-type prefixes of Cloud TPU (gcloud --accelerator-type) -> chip.
 _ALIASES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
@@ -311,6 +312,15 @@ def real_token_mfu(config: ml_collections.ConfigDict, result: dict[str, Any],
               step_s and _tokens(config, real_token_share) / step_s / topology.chips}
 
 
+def roofline_seconds(cost: dict[str, float], chip: Chip) -> float:
+  """Lower bound on a compiled program's time from XLA's cost analysis (each loop
+  body once): its FLOPs at the chip's bf16 peak or its HBM bytes at the chip's
+  bandwidth, whichever takes longer. 0.0 where the analysis has neither."""
+  flops = float(cost.get("flops", 0.0))
+  moved = float(cost.get("bytes accessed", 0.0))
+  return max(flops / chip.peak_bf16_flops, moved / chip.hbm_bytes_per_s, 0.0)
+
+
 def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, compiled,
            compile_s: float, lowered_hlo: str = "",
            real_token_share: Optional[float] = None) -> dict[str, Any]:
@@ -318,7 +328,10 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
 
   The step time is XLA's TPU cost model (`optimal_seconds`), which counts each
   while-loop body once, times `loop_flop_ratio` of the lowered program, so each
-  GradCache chunk counts: a compiler estimate, not a measurement. A packed step's
+  GradCache chunk counts: a compiler estimate, not a measurement. Where the cost
+  model gives no positive time (v4 and v5e often answer -3 s), it is the roofline
+  of XLA's own cost analysis instead (`roofline_seconds`), scaled the same way;
+  `step_estimate` says which. A packed step's
   model FLOPs and tokens are those of its real tokens, for texts that fill
   `real_token_share` of their widths.
   """
@@ -330,8 +343,10 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   # XLA's cost model for the compiled program (None where it gives no positive time).
   xla_s = float(cost.get("optimal_seconds", 0.0))
+  roofline_s = roofline_seconds(cost, topology.chip)
   ratio = loop_flop_ratio(lowered_hlo) if lowered_hlo else 1.0
-  step_s = xla_s * ratio if xla_s > 0 else None
+  source = "xla_cost_model" if xla_s > 0 else "roofline" if roofline_s > 0 else None
+  step_s = {"xla_cost_model": xla_s, "roofline": roofline_s, None: 0.0}[source] * ratio or None
   packed = "packed_ids" in step.batch
   share = real_token_share if packed else None
   flops, tokens = _model_flops(config, step.encoder, share), _tokens(config, share)
@@ -351,7 +366,9 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
       "estimated_step_s": step_s,
       "estimated_mfu": step_s and mfu(flops, step_s, topology.chips,
                                       topology.chip.peak_bf16_flops),
+      "step_estimate": source,  # 'xla_cost_model', 'roofline' or None.
       "xla_optimal_seconds": xla_s,  # Each loop body once; negative: XLA cannot time it.
+      "roofline_seconds": roofline_s,  # Each loop body once, from XLA's flops and bytes.
       "loop_flop_ratio": ratio,
       "tokens_per_step": tokens,
       "estimated_tokens_per_s_per_chip": step_s and tokens / step_s / topology.chips,
@@ -389,7 +406,7 @@ def _oom_report(config, topology: Topology, step: Step, message: str, compile_s:
           "temporaries": value if kind == "temporaries" else value - arguments,
           "total": value + arguments if kind == "temporaries" else value},
       "model_flops_per_step": _model_flops(config, step.encoder),
-      "estimated_step_s": None, "estimated_mfu": None,
+      "estimated_step_s": None, "estimated_mfu": None, "step_estimate": None,
       "tokens_per_step": _tokens(config), "estimated_tokens_per_s_per_chip": None,
       "collective_bytes": None, "compile_s": compile_s,
       "grad_cache_chunk": int(config.grad_cache_chunk), "remat": bool(config.encoder.remat),

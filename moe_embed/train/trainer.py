@@ -204,7 +204,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), state=data_state,
       pack_units=data_lib.pipeline.pack_units(config.batch_size, config.grad_cache_chunk,
-                                              shards))
+                                              shards),
+      pack_chunks=data_lib.pipeline.pack_chunks(config.batch_size, config.grad_cache_chunk))
   jitted, batch_sharding = step_lib.jit_train_step(
       model, optimizer, loss_cfg, schedule, config.grad_cache_chunk, mesh, rules,
       state_shardings)
