@@ -72,6 +72,10 @@ class _Graph:
     self.initializers.append(numpy_helper.from_array(np.array(value, dtype, order="C"), name))
     return name
 
+  def int64(self, value) -> str:
+    """An int64 constant: shapes, axes, indices."""
+    return self.const(value, dtype=np.int64)
+
   def op(self, op_type: str, *inputs: str, outputs: int = 1, name: Optional[str] = None,
          **attrs) -> Any:
     from onnx import helper
@@ -116,9 +120,9 @@ def _silu(g: _Graph, x: str) -> str:
 
 def _rotary(g: _Graph, x: str, cos: str, sin: str, rot: int, head_dim: int) -> str:
   """GPT-NeoX (half-split) rotary on the first `rot` dims of x [..., Dh]; cos, sin broadcast."""
-  axis = g.const([-1], dtype=np.int64)
-  cut = lambda a, b: g.op("Slice", x, g.const([a], dtype=np.int64),
-                          g.const([b], dtype=np.int64), axis)
+  axis = g.int64([-1])
+  cut = lambda a, b: g.op("Slice", x, g.int64([a]),
+                          g.int64([b]), axis)
   half = rot // 2
   rotated = g.op("Concat", g.op("Neg", cut(half, rot)), cut(0, half), axis=-1)
   out = g.op("Add", g.op("Mul", cut(0, rot), cos), g.op("Mul", rotated, sin))
@@ -136,7 +140,7 @@ class _Tokens:
 
   def __init__(self, g: _Graph):
     self.g = g
-    i64 = lambda v: g.const(v, dtype=np.int64)
+    i64 = g.int64
     scalar = lambda t: g.op("Squeeze", t, i64([0]))
     mask = g.op("Reshape", "attention_mask", i64([-1]))  # [B*L]
     self.flat = g.op("Squeeze", g.op("NonZero", mask), i64([0]))  # [T]
@@ -155,7 +159,7 @@ class _Tokens:
   def real(self, padded: str) -> str:
     """[B, L] -> [T]: the real tokens' entries."""
     g = self.g
-    return g.op("Gather", g.op("Reshape", padded, g.const([-1], dtype=np.int64)), self.flat,
+    return g.op("Gather", g.op("Reshape", padded, g.int64([-1])), self.flat,
                 axis=0)
 
   def pad(self, x: str, width: int) -> str:
@@ -189,7 +193,7 @@ class _Layout:
 
   def __init__(self, g: _Graph, groups: int, batch: str, lengths: str, offsets: str,
                count: str, row: str, position: str, width: Optional[str]):
-    i64 = lambda v: g.const(v, dtype=np.int64)
+    i64 = g.int64
     unsqueeze = lambda t, axis: g.op("Unsqueeze", t, i64([axis]))
     rows = g.op("Div", g.op("Add", batch, i64(groups - 1)), i64(groups))  # []: r
     self.index, self.key_mask, longest, sizes = [], [], [], []
@@ -216,7 +220,7 @@ class _Layout:
   def attend(self, g: _Graph, qkv: str, cfg: EncoderConfig) -> str:
     """qkv [T + 1, 3D] (zero last row) -> attention output [T, D], slice by slice."""
     outs = [g.op("Reshape", _multi_head(g, g.op("Gather", qkv, index, axis=0), key_mask, cfg),
-                 g.const([-1, cfg.hidden_size], dtype=np.int64))
+                 g.int64([-1, cfg.hidden_size]))
             for index, key_mask in zip(self.index, self.key_mask)]  # [rows * m, D] each
     return g.op("Gather", g.op("Concat", *outs, axis=0) if len(outs) > 1 else outs[0],
                 self.back, axis=0)
@@ -225,7 +229,7 @@ class _Layout:
 def _multi_head(g: _Graph, qkv: str, key_mask: str, cfg: EncoderConfig) -> str:
   """qkv [rows, m, 3D], key_mask int32 [rows, m] -> [rows, m, D] (onnxruntime's fused kernel)."""
   d = cfg.hidden_size
-  q, k, v = g.op("Split", qkv, g.const([d, d, d], dtype=np.int64), axis=-1, outputs=3)
+  q, k, v = g.op("Split", qkv, g.int64([d, d, d]), axis=-1, outputs=3)
   return g.op("MultiHeadAttention", q, k, v, "", key_mask, domain=CONTRIB_DOMAIN,
               num_heads=cfg.num_heads, mask_filter_value=_NEG)
 
@@ -245,8 +249,8 @@ def _attention(g: _Graph, x: str, p: dict, cfg: EncoderConfig, tokens: _Tokens,
   qkv = _dense(g, x, kernel, qkv_bias, f"{name}/qkv")  # [T, 3D]
   if rope is not None:
     rot = int(dh * cfg.rotary_fraction)
-    q, k, v = g.op("Split", qkv, g.const([d, d, d], dtype=np.int64), axis=-1, outputs=3)
-    heads, flat = g.const([0, h, dh], dtype=np.int64), g.const([0, d], dtype=np.int64)
+    q, k, v = g.op("Split", qkv, g.int64([d, d, d]), axis=-1, outputs=3)
+    heads, flat = g.int64([0, h, dh]), g.int64([0, d])
     q, k = (g.op("Reshape", _rotary(g, g.op("Reshape", t, heads), *rope, rot, dh), flat)
             for t in (q, k))  # Rotated per head, [T, H, Dh].
     qkv = g.op("Concat", q, k, v, axis=-1)
@@ -278,20 +282,20 @@ def _moe(g: _Graph, flat: str, p: dict, cfg: EncoderConfig, name: str,
   logits = g.op("MatMul", flat, g.const(p["router"]["kernel"], f"{name}/router/kernel"),
                 name=f"{name}/router")  # [T, E] float32
   probs = g.op("Softmax", logits, axis=-1)
-  weights, experts = g.op("TopK", probs, g.const([k], dtype=np.int64), axis=-1, largest=1,
+  weights, experts = g.op("TopK", probs, g.int64([k]), axis=-1, largest=1,
                           sorted=1, outputs=2)  # [T, K] float32, int64
   if cfg.renormalize_topk:
     power = float(cfg.renormalize_topk)
     if power == 1:
-      norm = g.op("ReduceSum", weights, g.const([1], dtype=np.int64), keepdims=1)
+      norm = g.op("ReduceSum", weights, g.int64([1]), keepdims=1)
     else:  # (sum w^p)^(1/p), as routing.topk_norm.
       powered = g.op("Pow", weights, g.const(power))
-      norm = g.op("Pow", g.op("ReduceSum", powered, g.const([1], dtype=np.int64), keepdims=1),
+      norm = g.op("Pow", g.op("ReduceSum", powered, g.int64([1]), keepdims=1),
                   g.const(1.0 / power))
     weights = g.op("Div", weights, norm)
   if routing_outputs is not None:
     routing_outputs.append((f"{name}/experts", experts))
-  i64 = lambda v: g.const(v, dtype=np.int64)
+  i64 = g.int64
   chose = g.op("Equal", g.op("Unsqueeze", experts, i64([2])),
                i64(np.arange(cfg.num_experts)))  # bool [T, K, E]
   routed = g.op("ReduceMax", g.op("Cast", chose, to=6), axes=[1], keepdims=0)  # int32 [T, E]
@@ -357,7 +361,7 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
                               tokens.real("token_type_ids")))
   rope = None
   if cfg.position_embedding == "learned":
-    positions = g.op("Add", tokens.positions, g.const(cfg.position_offset, dtype=np.int64))
+    positions = g.op("Add", tokens.positions, g.int64(cfg.position_offset))
     x = g.op("Add", x, lookup(emb["position_embeddings"]["embedding"], "position_embeddings",
                               positions))
   else:
@@ -365,9 +369,9 @@ def build_model(params: dict, config: EncoderConfig, *, routing_outputs: bool = 
     inv_freq = 1.0 / (np.float32(cfg.rotary_base) ** (np.arange(0, rot, 2, dtype=np.float32)
                                                        / np.float32(rot)))
     angles = g.op("Mul", g.op("Unsqueeze", g.op("Cast", tokens.positions, to=1),
-                              g.const([1], dtype=np.int64)), g.const(inv_freq))  # [T, rot/2]
+                              g.int64([1])), g.const(inv_freq))  # [T, rot/2]
     angles = g.op("Unsqueeze", g.op("Concat", angles, angles, axis=-1),
-                  g.const([1], dtype=np.int64))  # [T, 1, rot]: broadcast over heads.
+                  g.int64([1]))  # [T, 1, rot]: broadcast over heads.
     rope = (g.op("Cos", angles), g.op("Sin", angles))
   x = _layer_norm(g, x, emb["layer_norm"], cfg.layer_norm_eps, "embeddings/layer_norm")
   routing = [] if routing_outputs else None
@@ -447,7 +451,7 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   from onnx import helper
   q, col_scale = _quantize_columns(kernel)
   width = kernel.shape[0]
-  rows = g.op("Reshape", x, g.const([-1, width], dtype=np.int64))  # [T, in]
+  rows = g.op("Reshape", x, g.int64([-1, width]))  # [T, in]
   low = g.op("Min", g.op("ReduceMin", rows, axes=[-1], keepdims=0), g.const(0.0))  # [T]
   high = g.op("Max", g.op("ReduceMax", rows, axes=[-1], keepdims=0), g.const(0.0))
   # An all-zero row (a padding token) gets a tiny scale: it quantizes to zeros exactly.
@@ -457,12 +461,12 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   acc = g.op("MatMulInteger", xq, g.const(q, f"{name}/kernel_int8", dtype=np.int8),
              name=f"{name}/int8")  # int32 [T, out]: sum_i xq_ti q_ij
   column_sums = g.const(q.astype(np.int32).sum(0), f"{name}/kernel_sums", dtype=np.int32)
-  zero_rows = g.op("Unsqueeze", g.op("Cast", zero, to=6), g.const([1], dtype=np.int64))
+  zero_rows = g.op("Unsqueeze", g.op("Cast", zero, to=6), g.int64([1]))
   centred = g.op("Sub", acc, g.op("Mul", zero_rows, column_sums))  # sum_i (xq - zero) q
   y = g.op("DequantizeLinear", centred, scale, axis=0)  # [T, out] float32
   y = g.op("Mul", y, g.const(col_scale, f"{name}/kernel_scale"))
   shape = g.op("Concat", g.op("Shape", x, start=0, end=-1),
-               g.const([kernel.shape[1]], dtype=np.int64), axis=0)
+               g.int64([kernel.shape[1]]), axis=0)
   # The float MatMul's output name, so that its consumers read the int8 result.
   g.nodes.append(helper.make_node("Reshape", [y, shape], [out], name=f"{name}/dequantize"))
 
