@@ -1,5 +1,10 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere; shared fixtures.
 
+XLA programs are cached on disk for the session (jax's persistent compilation
+cache, in a fresh temporary folder that subprocesses share through the
+environment): the trainer tests compile the same tiny step several times, and
+the resume test took 262 s without the cache against 153 s with it.
+
   stdlib_data_dir  the embedded stdlib corpus, built once per session
   workdir_v0       a copy of tests/data/workdir_v0 to change
   gcs_emulator     a GCS emulator on 127.0.0.1; gcs_bucket(name) makes a bucket in it
@@ -9,6 +14,7 @@ records.py, beir_folders.py, step_inputs.py, hlo_ops.py, tree_asserts.py,
 reference_models.py); no test module imports another.
 """
 
+import atexit
 import json
 import os
 import shutil
@@ -25,6 +31,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="moe_embed_test_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS line above)
 
