@@ -35,8 +35,9 @@ GiB = 1024 ** 3
 def row(recipe: str, r: dict) -> str:
   mem = r["memory_bytes_per_chip"]
   step = r.get("estimated_step_s")
-  est = (f"{step:.2f} s | {r['estimated_tokens_per_s_per_chip']:,.0f} | "
-         f"{r['estimated_mfu']:.0%}") if step else "- | - | -"
+  source = " (roofline)" if r.get("step_estimate") == "roofline" else ""
+  est = (f"{step:.2f} s{source} | {r['estimated_tokens_per_s_per_chip']:,.0f} | "
+         f"{r['estimated_mfu']:.1%}") if step else "- | - | -"
   change = (f"`grad_cache_chunk={r['grad_cache_chunk']}`"
             + (", `encoder.remat=true`" if r["remat"] else ""))
   return (f"| {r['topology']} ({r['chips']} chips) | {recipe} | {change} | "
