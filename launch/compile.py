@@ -36,8 +36,9 @@ the cost model gives no positive time (v4 and v5e often do not), it is instead t
 roofline of XLA's cost analysis (roofline_seconds: its FLOPs at the chip's bf16
 peak or its bytes accessed at the chip's HBM bandwidth, whichever is longer),
 times the same ratio; step_estimate names the source ('xla_cost_model',
-'roofline'). On v5p and v6e, where both exist, the roofline came to 0.85x and
-1.0x XLA's time for the tiny step.
+'roofline'). Where both exist, the roofline came to 0.85x (v5p) and 1.0x (v6e)
+XLA's time for the tiny step, and 0.69x for the pretrain recipe on v5p-64: it
+leaves out collectives, so it is the optimistic one.
 
 Exit codes: 0 the step fits; 1 it does not (one line on stderr: the per-chip
 shortfall and the fields that change it), or a bad config or topology. With
