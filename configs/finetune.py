@@ -19,7 +19,8 @@ What it gives (measured):
   alone 98.7 GiB (`python launch/compile.py --config=configs/finetune.py:nomic_v2_moe
   --topology=v5p-8`, jax 0.10.2, libtpu 0.0.42; 12-45 min to compile on a 2-core
   CPU); XLA's estimate for that step is 8.9 s (44,087 tokens/s/chip). It also fits
-  v4-32 (26.5 of 32 GiB) and v6e-8 (31.7 of 32 GiB). Its step time and scores on
+  v4-32 (26.5 of 32 GiB, roofline estimate 9.0 s) and v6e-8 (31.7 of 32 GiB, 8.2 s),
+  where XLA's cost model gives no time. Its step time and scores on
   TPU are not measured yet.
 """
 

@@ -20,7 +20,8 @@ full-width bound (95.7 GiB) does not (`python launch/compile.py
 --config=configs/pretrain.py:nomic_v2_moe --topology=v5p-64 --real_token_share=0.38`,
 jax 0.10.2, libtpu 0.0.42; 3-5 min to compile on 2 CPU cores). On 32 GiB chips the
 shipped chunk does not fit; `--fit` gives --config.grad_cache_chunk=128: 22.1 GiB per
-chip on a v4-32 slice (16 chips), 22.4 GiB on a v6e-8 (8 chips). The scores of a
+chip on a v4-32 slice (16 chips), 22.4 GiB on a v6e-8 (8 chips), with roofline step
+estimates of 29.7 s and 23.7 s (XLA's cost model gives none there). The scores of a
 pretraining run are not measured yet.
 """
 

@@ -341,7 +341,7 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  # XLA's cost model for the compiled program (None where it gives no positive time).
+  # XLA's cost model for the compiled program, else the roofline of its cost analysis.
   xla_s = float(cost.get("optimal_seconds", 0.0))
   roofline_s = roofline_seconds(cost, topology.chip)
   ratio = loop_flop_ratio(lowered_hlo) if lowered_hlo else 1.0
