@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 8e-5
   c.optimizer.warmup_steps = 1000
   # Padding-free: the embedded corpus is 38% real tokens at 128/128; packed rows are
-  # 73-80% real, 1.7-2.9x the real tokens/s of padded steps (benchmarks/packing.py).
+  # 73-87% real, 1.75-2.9x the real tokens/s of padded steps (benchmarks/packing.py).
   c.input.packing = True
   if args.model == "tiny":
     common.apply_tiny(c)
