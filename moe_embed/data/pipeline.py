@@ -24,8 +24,9 @@ pack_length tokens:
 Before packing, the examples of each GradCache chunk are dealt out among that
 chunk's local units so that each holds about as many tokens (input.pack_balance,
 `packing.chunk_balanced_order`): unit order is no longer batch order, but every
-example stays in its chunk. R is sized once at start-up from the lengths of a sample of every source
-(`packing.size_rows`, the same on every process), so shapes never change.
+example stays in its chunk. R is sized once at start-up from the lengths of a
+sample of every source (`packing.size_rows`, the same on every process), so
+shapes never change.
 
 Prompts and lengths are per source (the reference pretrains with
 `search_query: ` / `search_document: ` next to `classification: ` and
