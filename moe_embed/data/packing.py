@@ -197,9 +197,11 @@ def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_l
   rng = np.random.default_rng(seed)
   most = 1
   group = max(1, balanced_units)
+  # Groups drawn: SIMULATED_UNITS units in all, and at least 8 groups when balanced.
+  draws = SIMULATED_UNITS if group == 1 else max(8, math.ceil(SIMULATED_UNITS / group))
   for sample in example_lengths:
     sample = np.asarray(sample)
-    for _ in range(max(8, math.ceil(SIMULATED_UNITS / group)) if group > 1 else SIMULATED_UNITS):
+    for _ in range(draws):
       pick = sample[rng.integers(0, len(sample), size=texts_per_unit * group)]
       pick = pick[balanced_order(pick.sum(axis=1), group)]
       for u in range(group):

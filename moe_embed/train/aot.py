@@ -345,8 +345,13 @@ def report(config: ml_collections.ConfigDict, topology: Topology, step: Step, co
   xla_s = float(cost.get("optimal_seconds", 0.0))
   roofline_s = roofline_seconds(cost, topology.chip)
   ratio = loop_flop_ratio(lowered_hlo) if lowered_hlo else 1.0
-  source = "xla_cost_model" if xla_s > 0 else "roofline" if roofline_s > 0 else None
-  step_s = {"xla_cost_model": xla_s, "roofline": roofline_s, None: 0.0}[source] * ratio or None
+  if xla_s > 0:
+    source, body_s = "xla_cost_model", xla_s
+  elif roofline_s > 0:
+    source, body_s = "roofline", roofline_s
+  else:
+    source, body_s = None, 0.0
+  step_s = body_s * ratio if body_s else None
   packed = "packed_ids" in step.batch
   share = real_token_share if packed else None
   flops, tokens = _model_flops(config, step.encoder, share), _tokens(config, share)
