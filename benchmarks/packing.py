@@ -135,9 +135,9 @@ def main(argv):
             + (f", {meta[(widths, mode)]['rows']} rows of {it.pack_length}"
                if mode == "packed" else ""), flush=True)
       if mode == "padded" and _LAYOUTS.value:
-        lengths = np.concatenate([np.stack([np.asarray(x) for x in (
-            step_lib.text_lengths(b)[0], step_lib.text_lengths(b)[1][:, 0])], 1)
-            for b in sample])  # [examples, (query, document)]
+        per_batch = [step_lib.text_lengths(b) for b in sample]
+        lengths = np.concatenate([np.stack([np.asarray(q), np.asarray(d)[:, 0]], 1)
+                                  for q, d in per_batch])  # [examples, (query, document)]
         _fill_by_layout(lengths, widths, _LAYOUTS.value)
 
   runs, info = {}, {}

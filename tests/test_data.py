@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moe_embed import data
-from moe_embed.data import corpus_stdlib, dataset, jsonl, packing
+from moe_embed.data import corpus_stdlib, dataset, jsonl
 from moe_embed.tokenizers import train_sentencepiece
 from tests.records import pair_records, write_jsonl
 
@@ -274,10 +274,19 @@ def test_packed_batches_hold_the_padded_batches_texts(ds, tokenizer, process_ind
     rows = packed["packed_ids"].reshape(units, -1)
     segments = packed["packed_segment_ids"].reshape(units, -1)
     positions = packed["packed_positions"].reshape(units, -1)
-    # The process's two units (one chunk, two devices) are balanced first.
+    # The process's two units (one chunk, two devices) are balanced first: which padded
+    # example each unit's query slot holds is read back from the packed query's tokens.
+    queries = [tuple(padded["query_ids"][i][padded["query_mask"][i]]) for i in range(4)]
+    order = []
+    for u in range(units):
+      for s in range(per):
+        text = tuple(rows[u][segments[u] == s + 1])
+        order.append(next(i for i in range(4) if queries[i] == text and i not in order))
+    assert sorted(order) == [0, 1, 2, 3]
     tokens = sum(padded[k].reshape(4, -1).sum(1) for k in ("query_mask", "doc_mask", "neg_mask"))
-    order = packing.chunk_balanced_order(tokens, shards=2, chunks=1)
-    assert tokens[order].reshape(2, 2).sum(1).max() <= tokens.reshape(2, 2).sum(1).max()
+    loads = tokens[order].reshape(2, 2).sum(1)
+    assert loads.max() <= tokens.reshape(2, 2).sum(1).max()  # No worse than batch order.
+    assert loads.max() - loads.min() <= tokens.max()  # Greedy's bound.
     for u in range(units):
       texts = []
       for i in order[u * per:(u + 1) * per]:
