@@ -54,6 +54,7 @@ def fixture_config(root=FIXTURE):
   c.keep_checkpoints = 1
   c.optimizer.warmup_steps = 1
   c.eval.enabled = False
+  c.input.packing = False  # The fixture was trained padded.
   return c
 
 

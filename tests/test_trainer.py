@@ -120,7 +120,8 @@ def test_packed_run_matches_padded_and_resumes_exactly(stdlib_data_dir, tmp_path
   stopped at step 2 and resumed, the same losses and parameters bit for bit."""
   overrides = {"total_steps": 4, "grad_cache_chunk": 8}
   padded, straight, resumed = (str(tmp_path / n) for n in ("padded", "straight", "resumed"))
-  trainer.train_and_evaluate(tiny_config(stdlib_data_dir, **overrides), padded)
+  trainer.train_and_evaluate(tiny_config(stdlib_data_dir, **overrides, **{"input.packing": False}),
+                             padded)
   config = tiny_config(stdlib_data_dir, **overrides, **{"input.packing": True})
   trainer.train_and_evaluate(config, straight)
   assert trainer.train_and_evaluate(config, resumed, stop_at_step=2)["step"] == 2
