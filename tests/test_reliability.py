@@ -156,7 +156,8 @@ def test_a_failed_checkpoint_save_is_an_error_at_once(tmp_path):
   start = time.time()
   with pytest.raises(checkpoints.CheckpointError, match="Saving the checkpoint of step 2 .* failed"):
     checkpoints.save(manager, 2, state, {"step": 2})
-  assert time.time() - start < 30
+  # Not after Orbax's 300 s signal timeout (a loaded 2-core CI machine once took 34 s).
+  assert time.time() - start < 120
 
 
 def test_unusable_workdir_and_dataset_are_one_line(tmp_path):
