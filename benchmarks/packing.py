@@ -8,7 +8,11 @@ runs it) on the embedded stdlib corpus, tokenised by its own tokenizer with the
 default prompts, for each model and each pair of query / document widths, once
 with the texts padded to the widths and once packed (`input.packing`, rows of
 the longer width, as many rows as the iterator sizes from the data at start-up).
-Both modes train on the same texts: the first batch of the same data position.
+Each mode times its first batch (a step's time is fixed by its shapes) and counts
+the real tokens its steps average over --share_batches batches from the same data
+position: with --balance_steps (input.pack_balance_steps) the packed steps deal
+each block of that many batches of a source among themselves, so their batches
+hold other texts than the padded ones, the same texts over whole blocks.
 Models: `tiny` and `minilm` dense, and each with MoE layers (`tiny_moe` is the
 tiny preset: 8 experts, top-2, every 2nd layer; `minilm_moe` upcycles minilm the
 same way).
@@ -16,13 +20,14 @@ same way).
 Every round times each (model, widths) padded then packed, round after round in
 one process, so the ratios are robust on a shared machine; each number is the
 median over --repeats rounds. real_tokens_per_s counts only real tokens (no
-padding, no packing slack); real_token_share is real tokens / token slots the
-step computes (its average over --share_batches batches is printed first); mfu is the model FLOPs of
+padding, no packing slack), averaged per step as above; real_token_share is real
+tokens / token slots the step computes, over the same batches; mfu is the model FLOPs of
 the real tokens (`param_count.real_train_step_flops`: each text attends over
 its own tokens) per second over the matmul peak measured in the same rounds.
 
 JSON rows: {model, widths, mode, real_tokens_per_s, step_ms, real_token_share,
-mfu, batch, rows, pack_length, step_ms_runs}; mode is 'padded' or 'packed'.
+mfu, batch, rows, pack_length, balance_steps, step_ms_runs}; mode is 'padded' or
+'packed'.
 
 Before the timings it prints, for each width pair and each --layouts entry QxU
 (Q queries per packing unit, U units of a GradCache chunk on one process: its
@@ -61,8 +66,11 @@ _MODELS = flags.DEFINE_list("models", list(MODELS), "Models to time.")
 _WIDTHS = flags.DEFINE_list("widths", ["128/128", "32/96"],
                             "Query/document widths: 128/128 pretrain, 32/96 tiny.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (median).")
-_SHARE_BATCHES = flags.DEFINE_integer("share_batches", 20,
-                                      "Batches averaged for real_token_share.")
+_SHARE_BATCHES = flags.DEFINE_integer(
+    "share_batches", 64, "Batches whose real tokens per step and share are averaged.")
+_BALANCE_STEPS = flags.DEFINE_integer(
+    "balance_steps", 8, "input.pack_balance_steps of the packed batches (the configs' "
+    "value; 1 = each step packs its own examples).")
 _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024"], "Square matmul sizes for the peak.")
 _LAYOUTS = flags.DEFINE_list("layouts", ["16x4", "16x8", "32x4", "64x4"],
                              "QxU: queries per packing unit x units balanced together.")
@@ -77,22 +85,24 @@ def _config(name: str):
   return "dense", configs
 
 
-def _iterators(data_dir: str, tokenizer, widths: str, batch: int):
+def _iterators(data_dir: str, tokenizer, widths: str, batch: int, balance_steps: int):
   lq, ld = (int(w) for w in widths.split("/"))
   out = {}
   for mode in ("padded", "packed"):
-    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, packing=mode == "packed")
+    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, packing=mode == "packed",
+                                  pack_balance_steps=balance_steps if mode == "packed" else 1)
     out[mode] = data_lib.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
                                              global_batch_size=batch, seed=0, prefetch=0)
   return out
 
 
-def _share(batches) -> float:
+def _real_per_step(batches) -> tuple[float, float]:
+  """(real tokens per step, real tokens / token slots) averaged over `batches`."""
   real = slots = 0
   for b in batches:
     r, s = step_lib.token_counts(b)
     real, slots = real + int(r), slots + int(s)
-  return real / slots
+  return real / len(batches), real / slots
 
 
 def _fill_by_layout(lengths: np.ndarray, widths: str, layouts: list[str]) -> None:
@@ -120,17 +130,20 @@ def main(argv):
   b = _BATCH.value
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, 1 device, float32; "
         f"embedded corpus, batch {b} queries + {b} documents; median of {_REPEATS.value} "
-        "interleaved rounds")
+        f"interleaved rounds; packed steps balanced over {_BALANCE_STEPS.value} batches; "
+        f"real tokens per step over {_SHARE_BATCHES.value} batches")
 
   batches, meta = {}, {}
   for widths in _WIDTHS.value:
-    its = _iterators(data_dir, tokenizer, widths, b)
+    its = _iterators(data_dir, tokenizer, widths, b, _BALANCE_STEPS.value)
     for mode, it in its.items():
       sample = [next(it) for _ in range(_SHARE_BATCHES.value)]
       batches[(widths, mode)] = sample[0]
+      real_per_step, mean_share = _real_per_step(sample)
       meta[(widths, mode)] = dict(
-          mean_share=_share(sample), rows=int(sample[0]["packed_ids"].shape[0]) if mode == "packed"
-          else 0, pack_length=getattr(it, "pack_length", 0))
+          mean_share=mean_share, real_per_step=real_per_step, sample=sample,
+          rows=int(sample[0]["packed_ids"].shape[0]) if mode == "packed" else 0,
+          pack_length=getattr(it, "pack_length", 0))
       print(f"  {widths} {mode}: mean real_token_share {meta[(widths, mode)]['mean_share']:.3f}"
             + (f", {meta[(widths, mode)]['rows']} rows of {it.pack_length}"
                if mode == "packed" else ""), flush=True)
@@ -150,10 +163,11 @@ def main(argv):
         batch = batches[(widths, mode)]
         compiled, state, on_device, compile_s = build_step(config, params, batch, 0)
         runs[(name, widths, mode)] = Runner(compiled, state, on_device)
-        real, slots = (int(x) for x in step_lib.token_counts(batch))
-        flops = float(param_count.real_train_step_flops(config, *(
-            np.asarray(x) for x in step_lib.text_lengths(batch))))
-        info[(name, widths, mode)] = dict(real=real, share=real / slots, flops=flops)
+        m = meta[(widths, mode)]
+        flops = np.mean([float(param_count.real_train_step_flops(config, *(
+            np.asarray(x) for x in step_lib.text_lengths(s)))) for s in m["sample"]])
+        info[(name, widths, mode)] = dict(real=m["real_per_step"], share=m["mean_share"],
+                                          flops=flops)
         print(f"  compiled {name} {widths} {mode} in {compile_s:.1f} s", flush=True)
     del params
 
@@ -179,6 +193,7 @@ def main(argv):
            "real_tokens_per_s": round(i["real"] / s, 1), "step_ms": round(s * 1e3, 1),
            "real_token_share": round(i["share"], 4), "mfu": round(i["flops"] / s / peak, 4),
            "batch": b, "rows": m["rows"], "pack_length": m["pack_length"],
+           "balance_steps": _BALANCE_STEPS.value if mode == "packed" else 1,
            "step_ms_runs": [round(t * 1e3, 1) for t in values]}
     rows.append(row)
   by = {(r["model"], r["widths"], r["mode"]): r for r in rows}

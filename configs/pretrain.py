@@ -38,6 +38,10 @@ def get_config(arg=None):
   # Padding-free: the embedded corpus is 38% real tokens at 128/128; packed rows are
   # 73-87% real, 1.75-2.9x the real tokens/s of padded steps (benchmarks/packing.py).
   c.input.packing = True
+  # Each block of 8 batches of a source is dealt among them by tokens before packing,
+  # so rows sized for the heaviest step sit closer to the mean (fill 0.81 -> 0.85 at
+  # batch 64 on the embedded corpus, 0.74 -> 0.82 at 32).
+  c.input.pack_balance_steps = 8
   if args.model == "tiny":
     common.apply_tiny(c)
   else:

@@ -41,6 +41,7 @@ def test_config_sections_become_structured_values(module, arg):
   assert inputs.max_doc_len == c.input.max_doc_len and opt.learning_rate == c.optimizer.learning_rate
   assert loss.temperature == c.loss.temperature
   assert inputs.packing  # Both recipes pack: measured faster at their widths.
+  assert inputs.pack_balance_steps == 8  # Steps dealt among each other by tokens.
   if module is finetune:
     # Finetuning keeps hard negatives; tiny uses them where the data has them.
     assert inputs.num_negatives == 10

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moe_embed import data
-from moe_embed.data import corpus_stdlib, dataset, jsonl
+from moe_embed.data import corpus_stdlib, dataset, jsonl, packing
 from moe_embed.tokenizers import train_sentencepiece
 from tests.records import pair_records, write_jsonl
 
@@ -302,6 +302,78 @@ def test_packed_batches_hold_the_padded_batches_texts(ds, tokenizer, process_ind
     for key in packed:
       np.testing.assert_array_equal(again[key], packed[key])
   assert len(shapes) == 1
+
+
+def _packed_pairs(batch):
+  """[(query tokens, document tokens)] of a packed batch without negatives, unit by unit."""
+  units, per = batch["query_lengths"].shape
+  rows = batch["packed_ids"].reshape(units, -1)
+  segments = batch["packed_segment_ids"].reshape(units, -1)
+  return [(tuple(rows[u][segments[u] == s + 1]), tuple(rows[u][segments[u] == per + s + 1]))
+          for u in range(units) for s in range(per)]
+
+
+def _padded_pairs(batch):
+  return [(tuple(q[m]), tuple(d[n])) for q, m, d, n in zip(
+      batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"])]
+
+
+def test_balancing_across_steps_deals_each_block_once_and_resumes(ds, tokenizer):
+  """input.pack_balance_steps=4: the examples of 4 consecutive batches are dealt among
+  their units by tokens. Every example of the block is trained on once, steps come out
+  about even, the global batch is the same on 1 and 2 processes, and a run restored
+  mid-block gets the same batches."""
+  kw = dict(source_weights={"a": 1.0}, prefetch=0, max_query_len=24, max_doc_len=32)
+  steps, block = 8, 4
+
+  def run(process_count, process_index, **extra):
+    it = _iterator(ds, tokenizer, process_count=process_count, process_index=process_index,
+                   **kw, **extra)
+    return it, [next(it) for _ in range(steps)]
+
+  packed_kw = dict(packing=True, pack_units=2)
+  padded = [run(2, p)[1] for p in (0, 1)]  # [process][step]
+  dealt = [run(2, p, pack_balance_steps=block, **packed_kw) for p in (0, 1)]
+  single_it, single = run(1, 0, pack_balance_steps=block, **packed_kw)
+  drawn_rows = _iterator(ds, tokenizer, **kw, **packed_kw).pack_rows
+  assert single_it.pack_rows == dealt[0][0].pack_rows <= drawn_rows
+  assert dealt[0][0].get_state() == run(2, 0)[0].get_state()
+  for i in range(steps):  # One global batch, split over 2 processes or not.
+    assert _packed_pairs(single[i]) == _packed_pairs(dealt[0][1][i]) + _packed_pairs(
+        dealt[1][1][i])
+  tokens = lambda pairs: sum(len(q) + len(d) for q, d in pairs)
+  for start in range(0, steps, block):
+    want = [pair for i in range(start, start + block)
+            for pair in _padded_pairs(padded[0][i]) + _padded_pairs(padded[1][i])]
+    got = [_packed_pairs(b) for b in single[start:start + block]]
+    assert sorted(sum(got, [])) == sorted(want)  # The block's examples, each once.
+    # Dealt as packing.balanced_order deals the block's examples among its 8 units.
+    order = packing.balanced_order(np.array([len(q) + len(d) for q, d in want]), block * 2)
+    assert sum(got, []) == [want[k] for k in order]
+    per_step = [tokens(pairs) for pairs in got]
+    drawn = [tokens(want[j * 8:(j + 1) * 8]) for j in range(block)]
+    assert max(per_step) <= max(drawn)
+    assert max(per_step) - min(per_step) <= max(len(q) + len(d) for q, d in want)
+  assert all(b["packed_capped"].sum() == 0 for b in single)
+  # Restored mid-block (step 5 of blocks of 4): the same batches as the run that went on.
+  for p in (0, 1):
+    it, batches = dealt[p]
+    state = {"step": 5, "cursors": {**it.get_state()["cursors"], "a": 5 * 8}}
+    resumed = _iterator(ds, tokenizer, process_count=2, process_index=p, state=state,
+                        pack_balance_steps=block, **kw, **packed_kw)
+    for want_batch in batches[5:]:
+      got_batch = next(resumed)
+      for key in want_batch:
+        np.testing.assert_array_equal(got_batch[key], want_batch[key])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(pack_balance_steps=0), "input.pack_balance_steps=0 must be a whole number"),
+    (dict(pack_balance_steps=4, pack_balance=False), "pack_balance=False asks for no"),
+])
+def test_bad_pack_balance_steps_is_named(fields, message):
+  with pytest.raises(ValueError, match=message):
+    data.InputConfig(packing=True, **fields)
 
 
 def test_pack_length_shorter_than_a_text_width_is_named():

@@ -122,11 +122,22 @@ def test_packed_run_matches_padded_and_resumes_exactly(stdlib_data_dir, tmp_path
   padded, straight, resumed = (str(tmp_path / n) for n in ("padded", "straight", "resumed"))
   trainer.train_and_evaluate(tiny_config(stdlib_data_dir, **overrides, **{"input.packing": False}),
                              padded)
-  config = tiny_config(stdlib_data_dir, **overrides, **{"input.packing": True})
+  # Steps keep their own examples (no dealing between steps), so the texts are the padded run's.
+  config = tiny_config(stdlib_data_dir, **overrides, **{"input.packing": True,
+                                                        "input.pack_balance_steps": 1})
   trainer.train_and_evaluate(config, straight)
   assert trainer.train_and_evaluate(config, resumed, stop_at_step=2)["step"] == 2
   trainer.train_and_evaluate(config, resumed)
   assert losses(straight) == losses(resumed)
+  # Dealt between blocks of 3 steps (the shipped configs deal 8): stopped mid-block at
+  # step 2 and resumed, the same losses as straight through.
+  dealt = tiny_config(stdlib_data_dir, **overrides, **{"input.packing": True,
+                                                       "input.pack_balance_steps": 3})
+  dealt_straight, dealt_resumed = str(tmp_path / "dealt"), str(tmp_path / "dealt_resumed")
+  trainer.train_and_evaluate(dealt, dealt_straight)
+  assert trainer.train_and_evaluate(dealt, dealt_resumed, stop_at_step=2)["step"] == 2
+  trainer.train_and_evaluate(dealt, dealt_resumed)
+  assert losses(dealt_straight) == losses(dealt_resumed)
   a, b = dict(losses(padded)), dict(losses(straight))
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)

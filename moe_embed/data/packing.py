@@ -37,6 +37,7 @@ import numpy as np
 # Rows per unit are the most any simulated unit needed, times this (rounded up).
 ROW_HEADROOM = 1.05
 SIMULATED_UNITS = 32
+MAX_SIMULATED_GROUP = 64  # Units balanced together, at most, when sizing rows.
 
 
 def first_fit(lengths: np.ndarray, num_rows: int, pack_length: int
@@ -196,7 +197,9 @@ def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_l
   """
   rng = np.random.default_rng(seed)
   most = 1
-  group = max(1, balanced_units)
+  # Past a few dozen units a bigger deal balances no worse, so larger groups are
+  # simulated as MAX_SIMULATED_GROUP units (a pod's block can hold thousands).
+  group = min(max(1, balanced_units), MAX_SIMULATED_GROUP)
   # Groups drawn: SIMULATED_UNITS units in all, and at least 8 groups when balanced.
   draws = SIMULATED_UNITS if group == 1 else max(8, math.ceil(SIMULATED_UNITS / group))
   for sample in example_lengths:
