@@ -31,8 +31,9 @@ examples are dealt among its S x pack_units units, so one step's rows hold about
 the mean even where a unit is the whole step. Every process reads and tokenises
 the whole block (S global batches, once per S steps of that source) and keeps its
 own share, so a global batch stays a pure function of its state, independent of
-the number of processes, and each example of a block is used once in it. R is sized once at start-up from the lengths of a sample of every
-source (`packing.size_rows`, the same on every process), so shapes never change.
+the number of processes, and each example of a block is used once in it. R is
+sized once at start-up from the lengths of a sample of every source
+(`packing.size_rows`, the same on every process), so shapes never change.
 
 Prompts and lengths are per source (the reference pretrains with
 `search_query: ` / `search_document: ` next to `classification: ` and
