@@ -332,12 +332,13 @@ def test_balancing_across_steps_deals_each_block_once_and_resumes(ds, tokenizer)
     return it, [next(it) for _ in range(steps)]
 
   packed_kw = dict(packing=True, pack_units=2)
-  padded = [run(2, p)[1] for p in (0, 1)]  # [process][step]
+  padded_runs = [run(2, p) for p in (0, 1)]
+  padded = [batches for _, batches in padded_runs]  # [process][step]
   dealt = [run(2, p, pack_balance_steps=block, **packed_kw) for p in (0, 1)]
   single_it, single = run(1, 0, pack_balance_steps=block, **packed_kw)
   drawn_rows = _iterator(ds, tokenizer, **kw, **packed_kw).pack_rows
   assert single_it.pack_rows == dealt[0][0].pack_rows <= drawn_rows
-  assert dealt[0][0].get_state() == run(2, 0)[0].get_state()
+  assert dealt[0][0].get_state() == padded_runs[0][0].get_state()
   for i in range(steps):  # One global batch, split over 2 processes or not.
     assert _packed_pairs(single[i]) == _packed_pairs(dealt[0][1][i]) + _packed_pairs(
         dealt[1][1][i])
