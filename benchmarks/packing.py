@@ -8,11 +8,14 @@ runs it) on the embedded stdlib corpus, tokenised by its own tokenizer with the
 default prompts, for each model and each pair of query / document widths, once
 with the texts padded to the widths and once packed (`input.packing`, rows of
 the longer width, as many rows as the iterator sizes from the data at start-up).
-Each mode times its first batch (a step's time is fixed by its shapes) and counts
-the real tokens its steps average over --share_batches batches from the same data
-position: with --balance_steps (input.pack_balance_steps) the packed steps deal
-each block of that many batches of a source among themselves, so their batches
-hold other texts than the padded ones, the same texts over whole blocks.
+A step's time is fixed by its shapes, so each mode times the first batch of each
+shape among --share_batches batches from the same data position, and counts the
+real tokens its steps average over those batches: with --balance_steps
+(input.pack_balance_steps) the packed steps deal each block of that many batches
+of a source among themselves, so their batches hold other texts than the padded
+ones, the same texts over whole blocks. With --pack_shapes (input.pack_shapes)
+the packed steps of different sources have different rows; the packed step time
+is the mean of each shape's time weighted by its steps in the sample.
 Models: `tiny` and `minilm` dense, and each with MoE layers (`tiny_moe` is the
 tiny preset: 8 experts, top-2, every 2nd layer; `minilm_moe` upcycles minilm the
 same way).
@@ -26,8 +29,9 @@ the real tokens (`param_count.real_train_step_flops`: each text attends over
 its own tokens) per second over the matmul peak measured in the same rounds.
 
 JSON rows: {model, widths, mode, real_tokens_per_s, step_ms, real_token_share,
-mfu, batch, rows, pack_length, balance_steps, step_ms_runs}; mode is 'padded' or
-'packed'.
+mfu, batch, rows, pack_length, balance_steps, pack_shapes, step_ms_runs}; mode is
+'padded' or 'packed'; packed rows add step_ms_by_rows and steps_by_rows (rows ->
+median step ms, steps of the sample); rows is the most rows a step has.
 
 Before the timings it prints, for each width pair and each --layouts entry QxU
 (Q queries per packing unit, U units of a GradCache chunk on one process: its
@@ -71,6 +75,10 @@ _SHARE_BATCHES = flags.DEFINE_integer(
 _BALANCE_STEPS = flags.DEFINE_integer(
     "balance_steps", 8, "input.pack_balance_steps of the packed batches (the configs' "
     "value; 1 = each step packs its own examples).")
+_PACK_SHAPES = flags.DEFINE_integer(
+    "pack_shapes", 3, "input.pack_shapes of the packed batches (the configs' value): "
+    "distinct rows per step, by source; each is compiled and timed, and the packed step "
+    "time is their mean weighted by how many of the --share_batches batches have each.")
 _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024"], "Square matmul sizes for the peak.")
 _LAYOUTS = flags.DEFINE_list("layouts", ["16x4", "16x8", "32x4", "64x4"],
                              "QxU: queries per packing unit x units balanced together.")
@@ -85,15 +93,23 @@ def _config(name: str):
   return "dense", configs
 
 
-def _iterators(data_dir: str, tokenizer, widths: str, batch: int, balance_steps: int):
+def _iterators(data_dir: str, tokenizer, widths: str, batch: int, balance_steps: int,
+               pack_shapes: int):
   lq, ld = (int(w) for w in widths.split("/"))
   out = {}
   for mode in ("padded", "packed"):
-    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, packing=mode == "packed",
-                                  pack_balance_steps=balance_steps if mode == "packed" else 1)
+    packed = mode == "packed"
+    inputs = data_lib.InputConfig(max_query_len=lq, max_doc_len=ld, packing=packed,
+                                  pack_balance_steps=balance_steps if packed else 1,
+                                  pack_shapes=pack_shapes if packed else 1)
     out[mode] = data_lib.make_train_iterator(data_dir, inputs=inputs, tokenizer=tokenizer,
                                              global_batch_size=batch, seed=0, prefetch=0)
   return out
+
+
+def _rows(batch) -> int:
+  """Rows of a packed batch (its shape: one compile each), 0 for a padded one."""
+  return int(batch["packed_ids"].shape[0]) if "packed_ids" in batch else 0
 
 
 def _real_per_step(batches) -> tuple[float, float]:
@@ -135,17 +151,20 @@ def main(argv):
 
   batches, meta = {}, {}
   for widths in _WIDTHS.value:
-    its = _iterators(data_dir, tokenizer, widths, b, _BALANCE_STEPS.value)
+    its = _iterators(data_dir, tokenizer, widths, b, _BALANCE_STEPS.value, _PACK_SHAPES.value)
     for mode, it in its.items():
       sample = [next(it) for _ in range(_SHARE_BATCHES.value)]
-      batches[(widths, mode)] = sample[0]
+      # Each shape's first batch, and how many of the sample have that shape.
+      shape_of = [_rows(x) for x in sample]
+      counts = {r: shape_of.count(r) for r in sorted(set(shape_of))}
+      batches[(widths, mode)] = {r: sample[shape_of.index(r)] for r in counts}
       real_per_step, mean_share = _real_per_step(sample)
       meta[(widths, mode)] = dict(
           mean_share=mean_share, real_per_step=real_per_step, sample=sample,
-          rows=int(sample[0]["packed_ids"].shape[0]) if mode == "packed" else 0,
-          pack_length=getattr(it, "pack_length", 0))
-      print(f"  {widths} {mode}: mean real_token_share {meta[(widths, mode)]['mean_share']:.3f}"
-            + (f", {meta[(widths, mode)]['rows']} rows of {it.pack_length}"
+          counts=counts, pack_length=getattr(it, "pack_length", 0))
+      print(f"  {widths} {mode}: mean real_token_share {mean_share:.3f}"
+            + (f", rows of {it.pack_length} (steps of the sample): "
+               + ", ".join(f"{r} ({n})" for r, n in counts.items())
                if mode == "packed" else ""), flush=True)
       if mode == "padded" and _LAYOUTS.value:
         per_batch = [step_lib.text_lengths(b) for b in sample]
@@ -160,15 +179,16 @@ def main(argv):
     params = model_params(kind, configs)
     for widths in _WIDTHS.value:
       for mode in ("padded", "packed"):
-        batch = batches[(widths, mode)]
-        compiled, state, on_device, compile_s = build_step(config, params, batch, 0)
-        runs[(name, widths, mode)] = Runner(compiled, state, on_device)
+        for rows, batch in batches[(widths, mode)].items():
+          compiled, state, on_device, compile_s = build_step(config, params, batch, 0)
+          runs[(name, widths, mode, rows)] = Runner(compiled, state, on_device)
+          print(f"  compiled {name} {widths} {mode}"
+                + (f" ({rows} rows)" if rows else "") + f" in {compile_s:.1f} s", flush=True)
         m = meta[(widths, mode)]
         flops = np.mean([float(param_count.real_train_step_flops(config, *(
             np.asarray(x) for x in step_lib.text_lengths(s)))) for s in m["sample"]])
         info[(name, widths, mode)] = dict(real=m["real_per_step"], share=m["mean_share"],
                                           flops=flops)
-        print(f"  compiled {name} {widths} {mode} in {compile_s:.1f} s", flush=True)
     del params
 
   peaks = [peak_runner(int(n), "float32") for n in _PEAK_SIZES.value]
@@ -178,8 +198,16 @@ def main(argv):
     peak_values.append(measure_peak(peaks))
     print(f"  round {r + 1}: peak {peak_values[-1]:.0f} GFLOP/s", flush=True)
 
-  _, times, _ = interleaved(runs, _REPEATS.value, after_round)
+  _, shape_times, _ = interleaved(runs, _REPEATS.value, after_round)
   peak = float(np.median(peak_values)) * 1e9
+  # A mode's step time in each round: its shapes' times weighted by their steps.
+  times = {}
+  for (name, widths, mode, rows), values in shape_times.items():
+    counts = meta[(widths, mode)]["counts"]
+    share = counts[rows] / sum(counts.values())
+    acc = times.setdefault((name, widths, mode), [0.0] * len(values))
+    for r, t in enumerate(values):
+      acc[r] += share * t
 
   header = (f"{'model':>10s} {'widths':>7s} {'mode':>6s} {'step_ms':>8s} {'real tok/s':>10s} "
             f"{'share':>6s} {'mfu':>6s} {'packed/padded':>13s}")
@@ -192,9 +220,14 @@ def main(argv):
     row = {"model": name, "widths": widths, "mode": mode,
            "real_tokens_per_s": round(i["real"] / s, 1), "step_ms": round(s * 1e3, 1),
            "real_token_share": round(i["share"], 4), "mfu": round(i["flops"] / s / peak, 4),
-           "batch": b, "rows": m["rows"], "pack_length": m["pack_length"],
+           "batch": b, "rows": max(m["counts"]), "pack_length": m["pack_length"],
            "balance_steps": _BALANCE_STEPS.value if mode == "packed" else 1,
+           "pack_shapes": _PACK_SHAPES.value if mode == "packed" else 1,
            "step_ms_runs": [round(t * 1e3, 1) for t in values]}
+    if mode == "packed":
+      row["step_ms_by_rows"] = {str(r): round(float(np.median(
+          shape_times[(name, widths, mode, r)])) * 1e3, 1) for r in m["counts"]}
+      row["steps_by_rows"] = {str(r): n for r, n in m["counts"].items()}
     rows.append(row)
   by = {(r["model"], r["widths"], r["mode"]): r for r in rows}
   for r in rows:

@@ -46,6 +46,9 @@ def get_config(arg=None):
   # Each block of 8 batches of a source is dealt among them by tokens before packing
   # (input.pack_balance_steps), so the rows, sized for the heaviest step, fill better.
   c.input.pack_balance_steps = 8
+  # Rows per step by source, in at most 3 row counts (input.pack_shapes), each compiled
+  # at start-up: light sources stop running the heaviest one's rows.
+  c.input.pack_shapes = 3
   if args.model == "tiny":
     # Hard negatives stay on where the data has them (--config.data); the embedded
     # corpus has none and trains with in-batch negatives (apply_tiny).

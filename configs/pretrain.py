@@ -42,6 +42,9 @@ def get_config(arg=None):
   # so rows sized for the heaviest step sit closer to the mean (fill 0.81 -> 0.85 at
   # batch 64 on the embedded corpus, 0.74 -> 0.82 at 32).
   c.input.pack_balance_steps = 8
+  # Rows per step by source, in at most 3 row counts (input.pack_shapes), each compiled
+  # at start-up: light sources stop running the heaviest one's rows.
+  c.input.pack_shapes = 3
   if args.model == "tiny":
     common.apply_tiny(c)
   else:

@@ -42,6 +42,7 @@ def test_config_sections_become_structured_values(module, arg):
   assert loss.temperature == c.loss.temperature
   assert inputs.packing  # Both recipes pack: measured faster at their widths.
   assert inputs.pack_balance_steps == 8  # Steps dealt among each other by tokens.
+  assert inputs.pack_shapes == 3  # Rows per step by source, in at most 3 counts.
   if module is finetune:
     # Finetuning keeps hard negatives; tiny uses them where the data has them.
     assert inputs.num_negatives == 10

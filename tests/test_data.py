@@ -368,7 +368,36 @@ def test_balancing_across_steps_deals_each_block_once_and_resumes(ds, tokenizer)
         np.testing.assert_array_equal(got_batch[key], want_batch[key])
 
 
+def test_rows_by_source_pack_the_same_texts_in_fewer_rows(ds, tokenizer):
+  """input.pack_shapes=2: a source of short texts packs its steps in fewer rows than
+  the others; every step holds the same texts in the same places as with one shape
+  (first-fit never reaches the rows it drops), and row_shapes lists every shape."""
+  kw = dict(source_weights={"a": 2.0, "b": 1.0, "c": 1.0}, prefetch=0, max_query_len=24,
+            max_doc_len=32, packing=True, pack_units=2, pack_balance_steps=2,
+            source_prefixes={"b": {"max_doc_len": 6, "max_query_len": 6}})
+  one = _iterator(ds, tokenizer, **kw)
+  two = _iterator(ds, tokenizer, pack_shapes=2, **kw)
+  assert one.row_shapes == [one.pack_rows] and one.pack_rows == two.pack_rows
+  assert len(two.row_shapes) == 2 and two.source_rows["b"] < two.source_rows["a"]
+  seen = set()
+  for step in range(12):
+    source = two.source_of_step(step)
+    a, b = next(one), next(two)
+    rows = two.source_rows[source]
+    seen.add(rows)
+    assert b["packed_ids"].shape == (2 * rows, one.pack_length)
+    for key in ("packed_ids", "packed_segment_ids", "packed_positions"):
+      units_a = a[key].reshape(2, one.pack_rows, -1)
+      np.testing.assert_array_equal(b[key].reshape(2, rows, -1), units_a[:, :rows])
+      assert not units_a[:, rows:].any()  # The dropped rows held nothing.
+    for key in ("query_lengths", "doc_lengths", "packed_capped"):
+      np.testing.assert_array_equal(a[key], b[key])
+    assert b["packed_capped"].sum() == 0
+  assert seen == set(two.row_shapes)
+
+
 @pytest.mark.parametrize("fields, message", [
+    (dict(pack_shapes=0), "input.pack_shapes=0 must be a whole number of row counts"),
     (dict(pack_balance_steps=0), "input.pack_balance_steps=0 must be a whole number"),
     (dict(pack_balance_steps=4, pack_balance=False), "pack_balance=False asks for no"),
 ])

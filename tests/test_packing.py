@@ -102,6 +102,58 @@ def test_balanced_units_need_fewer_rows():
                for u in range(4)) <= balanced
 
 
+def test_rows_by_source_are_each_sources_own_sizing():
+  """size_source_rows: each source sized alone from the same draws; the largest is
+  size_rows, and a source of short texts gets fewer rows."""
+  rng = np.random.default_rng(4)
+  long = np.stack([rng.integers(2, 30, 800), rng.integers(60, 128, 800)], 1)
+  short = np.stack([rng.integers(2, 30, 800), rng.integers(2, 40, 800)], 1)
+  for units in (1, 4):
+    per_source = packing.size_source_rows([long, short], 16, 128, balanced_units=units)
+    assert max(per_source) == packing.size_rows([long, short], 16, 128, balanced_units=units)
+    assert per_source[1] < per_source[0]
+    assert per_source[0] == packing.size_rows([long], 16, 128, balanced_units=units)
+    for sample, rows in zip((long, short), per_source):  # Every drawn unit fits its rows.
+      for _ in range(10):
+        pick = sample[rng.integers(0, 800, 16 * units)]
+        pick = pick[packing.balanced_order(pick.sum(1), units)]
+        assert max(packing.rows_needed(pick[u * 16:(u + 1) * 16].reshape(-1), 128)
+                   for u in range(units)) <= rows
+
+
+def _group_rows_by_search(rows, weights, shapes):
+  """The least weighted rows per step, searching every set of at most `shapes` row
+  counts (each source takes the fewest of the set that hold it)."""
+  import itertools
+  need = sorted(set(rows))
+  best = float("inf")
+  for k in range(1, shapes + 1):
+    for chosen in itertools.combinations(need, k):
+      if max(rows) not in chosen:
+        continue
+      best = min(best, sum(w * min(c for c in chosen if c >= r) for r, w in zip(rows, weights)))
+  return best
+
+
+def test_group_rows_wastes_the_fewest_rows():
+  rng = np.random.default_rng(6)
+  for _ in range(40):
+    n = int(rng.integers(1, 8))
+    rows = [int(r) for r in rng.integers(10, 40, n)]
+    weights = list(rng.dirichlet(np.ones(n)))
+    for shapes in (1, 2, 3, 9):
+      got = packing.group_rows(rows, weights, shapes)
+      assert len(set(got)) <= shapes and all(g >= r for g, r in zip(got, rows))
+      assert set(got) <= set(rows)
+      cost = sum(w * g for w, g in zip(weights, got))
+      np.testing.assert_allclose(cost, _group_rows_by_search(rows, weights, shapes))
+  assert packing.group_rows([30, 21, 25], [0.6, 0.3, 0.1], 1) == [30, 30, 30]
+  assert packing.group_rows([30, 21, 25], [0.6, 0.3, 0.1], 2) == [30, 21, 30]
+  assert packing.group_rows([30, 21, 25], [0.6, 0.3, 0.1], 3) == [30, 21, 25]
+  with pytest.raises(ValueError, match="shapes=0 must be at least 1"):
+    packing.group_rows([3], [1.0], 0)
+
+
 def _small(name):
   if name == "minilm":  # Learned absolute positions, token types, dense.
     return model_config.preset("minilm", vocab_size=512, hidden_size=32, num_heads=4,

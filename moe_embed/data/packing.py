@@ -195,23 +195,82 @@ def size_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int, pack_l
   example] (their longest lengths), never more than a unit of texts at full width
   needs, which every unit fits without capping.
   """
+  per_source = size_source_rows(example_lengths, texts_per_unit, pack_length, seed, widths,
+                                balanced_units)
+  return max(per_source) if per_source else _least_rows(example_lengths, texts_per_unit,
+                                                        pack_length)
+
+
+def size_source_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int,
+                     pack_length: int, seed: int = 0, widths: Sequence[int] | None = None,
+                     balanced_units: int = 1) -> list[int]:
+  """`size_rows` of each source on its own: [sources] rows per unit; the largest is
+  `size_rows` of them all (the same draws)."""
   rng = np.random.default_rng(seed)
-  most = 1
   # Past a few dozen units a bigger deal balances no worse, so larger groups are
   # simulated as MAX_SIMULATED_GROUP units (a pod's block can hold thousands).
   group = min(max(1, balanced_units), MAX_SIMULATED_GROUP)
   # Groups drawn: SIMULATED_UNITS units in all, and at least 8 groups when balanced.
   draws = SIMULATED_UNITS if group == 1 else max(8, math.ceil(SIMULATED_UNITS / group))
+  least = _least_rows(example_lengths, texts_per_unit, pack_length)
+  full = None if widths is None else rows_needed(np.tile(np.asarray(widths), texts_per_unit),
+                                                 pack_length)
+  out = []
   for sample in example_lengths:
     sample = np.asarray(sample)
+    most = 1
     for _ in range(draws):
       pick = sample[rng.integers(0, len(sample), size=texts_per_unit * group)]
       pick = pick[balanced_order(pick.sum(axis=1), group)]
       for u in range(group):
         unit = pick[u * texts_per_unit:(u + 1) * texts_per_unit].reshape(-1)
         most = max(most, rows_needed(unit, pack_length))
+    rows = max(math.ceil(most * ROW_HEADROOM), least)
+    out.append(rows if full is None else min(rows, full))
+  return out
+
+
+def _least_rows(example_lengths: Sequence[np.ndarray], texts_per_unit: int,
+                pack_length: int) -> int:
+  """Rows that give every text of a unit at least one token."""
   texts = texts_per_unit * (np.asarray(example_lengths[0]).shape[1] if example_lengths else 1)
-  rows = max(math.ceil(most * ROW_HEADROOM), math.ceil(texts / pack_length))
-  if widths is not None:
-    rows = min(rows, rows_needed(np.tile(np.asarray(widths), texts_per_unit), pack_length))
-  return rows
+  return max(1, math.ceil(texts / pack_length))
+
+
+def group_rows(rows: Sequence[int], weights: Sequence[float], shapes: int) -> list[int]:
+  """Each source's rows when at most `shapes` distinct row counts may be used.
+
+  rows [sources]: what each source needs; weights [sources]: how often its steps
+  come. Sources are grouped by need, each group taking its heaviest member's rows;
+  the groups are the ones that waste the fewest rows per step on average (an exact
+  dynamic programme over the sources sorted by need). -> rows [sources], each >= its
+  need.
+  """
+  if shapes < 1:
+    raise ValueError(f"shapes={shapes} must be at least 1.")
+  if not len(rows):
+    return []
+  need = sorted(set(int(r) for r in rows))
+  weight = [sum(w for r, w in zip(rows, weights) if r == n) for n in need]
+  n = len(need)
+  k = min(shapes, n)
+  # cost[j][i]: least weighted rows of the first i needs in j groups (last group's
+  # rows = need[i - 1]); cut[j][i]: where that last group starts.
+  inf = float("inf")
+  cost = [[inf] * (n + 1) for _ in range(k + 1)]
+  cut = [[0] * (n + 1) for _ in range(k + 1)]
+  cost[0][0] = 0.0
+  for j in range(1, k + 1):
+    for i in range(1, n + 1):
+      for start in range(i):
+        c = cost[j - 1][start] + need[i - 1] * sum(weight[start:i])
+        if c < cost[j][i]:
+          cost[j][i], cut[j][i] = c, start
+  best = min(range(1, k + 1), key=lambda j: cost[j][n])
+  assigned, i = {}, n
+  for j in range(best, 0, -1):
+    start = cut[j][i]
+    for m in range(start, i):
+      assigned[need[m]] = need[i - 1]
+    i = start
+  return [assigned[int(r)] for r in rows]

@@ -33,7 +33,10 @@ the whole block (S global batches, once per S steps of that source) and keeps it
 own share, so a global batch stays a pure function of its state, independent of
 the number of processes, and each example of a block is used once in it. R is
 sized once at start-up from the lengths of a sample of every source
-(`packing.size_rows`, the same on every process), so shapes never change.
+(`packing.size_rows`, the same on every process), so shapes never change midway:
+one R for all sources, or with input.pack_shapes = K > 1 one per source, in at
+most K distinct counts (`packing.group_rows`; `row_shapes` lists them for the
+trainer, which compiles each at start-up).
 
 Prompts and lengths are per source (the reference pretrains with
 `search_query: ` / `search_document: ` next to `classification: ` and
@@ -129,6 +132,13 @@ class InputConfig:
   # Which examples share a step (in-batch negatives) changes; each is used once per
   # block. Every process reads and tokenises each whole block.
   pack_balance_steps: int = 1
+  # Distinct row counts a packed step may have. Sources need different rows (on the
+  # embedded corpus at 128/128 and batch 32, `code` 30 and `methods` 21), so with one
+  # shape the light sources' steps run the heaviest one's rows. With more, sources are
+  # grouped by need (the groups that waste the fewest rows per step by sampling
+  # weight), each group sized for its heaviest source; the trainer compiles every
+  # shape at start-up, so nothing compiles midway.
+  pack_shapes: int = 1
 
   def __post_init__(self):
     width = max(self.max_query_len, self.max_doc_len)
@@ -139,6 +149,9 @@ class InputConfig:
     if not isinstance(self.pack_balance_steps, int) or self.pack_balance_steps < 1:
       raise ValueError(f"input.pack_balance_steps={self.pack_balance_steps!r} must be a whole "
                        "number of batches >= 1 (1 = each step packs its own examples).")
+    if not isinstance(self.pack_shapes, int) or self.pack_shapes < 1:
+      raise ValueError(f"input.pack_shapes={self.pack_shapes!r} must be a whole number of "
+                       "row counts >= 1 (1 = one shape for every source).")
     if self.pack_balance_steps > 1 and not self.pack_balance:
       raise ValueError(f"input.pack_balance_steps={self.pack_balance_steps} deals examples "
                        "between steps, but input.pack_balance=False asks for no balancing; "
@@ -284,7 +297,11 @@ class TrainIterator:
     self._blocks: dict[str, tuple[int, list]] = {}  # source -> (block start, its batches).
     self._blocks_lock = threading.Lock()
     self.texts_per_unit = self.batch_size // pack_units  # Queries per unit.
-    self.pack_rows = pack_rows or self.size_pack_rows()
+    self.pack_shapes = inputs.pack_shapes
+    # Rows per unit of each source's steps; pack_rows is the most of them.
+    self.source_rows = (dict.fromkeys(self.sources, pack_rows) if pack_rows
+                        else self.size_source_rows())
+    self.pack_rows = max(self.source_rows.values())
     balanced = ""
     if self.balance_steps > 1:
       balanced = (f", the {self.balanced_units} units of every {self.balance_steps} batches "
@@ -293,11 +310,26 @@ class TrainIterator:
       balanced = f", {self.balanced_units} units of each chunk balanced"
     logging.info("Packing %d queries (+ documents) per unit into %d rows of %d tokens%s.",
                  self.texts_per_unit, self.pack_rows, self.pack_length, balanced)
+    if len(self.row_shapes) > 1:
+      logging.info("Rows per unit by source (input.pack_shapes=%d): %s.", self.pack_shapes,
+                   ", ".join(f"{s} {r}" for s, r in self.source_rows.items()))
+
+  @property
+  def row_shapes(self) -> list[int]:
+    """The distinct rows per unit of packed steps, fewest first (one compile each)."""
+    return sorted(set(self.source_rows.values()))
 
   def size_pack_rows(self, sample: int = PACK_SAMPLE) -> int:
     """Rows per packing unit from the token lengths of each source's first `sample`
     examples (the same on every process; see packing.size_rows)."""
-    stats = []
+    return max(self.size_source_rows(sample, shapes=1).values())
+
+  def size_source_rows(self, sample: int = PACK_SAMPLE, shapes: int = 0) -> dict[str, int]:
+    """Source -> rows per packing unit of its steps, from the token lengths of each
+    source's first `sample` examples (`packing.size_source_rows`), in at most `shapes`
+    distinct counts (default input.pack_shapes; `packing.group_rows`). The same on
+    every process."""
+    stats, drawn = [], []
     for source in self.sources:
       if self.weights[self.sources.index(source)] == 0:
         continue
@@ -306,9 +338,15 @@ class TrainIterator:
       q, d, negs = self.encode(records, source)
       lengths = [[len(a), len(b)] + [len(x) for x in ns] for a, b, ns in zip(q, d, negs)]
       stats.append(np.array(lengths, np.int64))
+      drawn.append(source)
     widths = [self.max_query_len] + [self.max_doc_len] * (stats[0].shape[1] - 1 if stats else 1)
-    return packing.size_rows(stats, self.texts_per_unit, self.pack_length, self.seed, widths,
-                             self.balanced_units)
+    rows = packing.size_source_rows(stats, self.texts_per_unit, self.pack_length, self.seed,
+                                    widths, self.balanced_units)
+    weights = [self.weights[self.sources.index(s)] for s in drawn]
+    rows = packing.group_rows(rows, weights, shapes or self.pack_shapes)
+    by_source = dict(zip(drawn, rows))
+    # A source that is never drawn takes the most rows (it has no steps).
+    return {s: by_source.get(s, max(rows, default=1)) for s in self.sources}
 
   # -- State ---------------------------------------------------------------
   def get_state(self) -> dict:
@@ -375,8 +413,8 @@ class TrainIterator:
       with self._blocks_lock:
         self._blocks[source] = cached
     q, d, negs = cached[1][i]
-    return packing.pack_batch(q, d, negs, self.local_units, self.pack_rows, self.pack_length,
-                              self.tokenizer.pad_id)
+    return packing.pack_batch(q, d, negs, self.local_units, self.source_rows[source],
+                              self.pack_length, self.tokenizer.pad_id)
 
   def _deal_block(self, source: str, start: int) -> list[tuple]:
     """This process's (queries, documents, negatives) of each batch of the block of S
@@ -410,7 +448,7 @@ class TrainIterator:
     tok = self.tokenizer
     q, d, negs = self.encode(records, source)
     if self.packing:
-      return self.pack(q, d, negs)
+      return self.pack(q, d, negs, source)
     batch = {}
     batch["query_ids"], batch["query_mask"] = tok.pad(q, self.max_query_len)
     batch["doc_ids"], batch["doc_mask"] = tok.pad(d, self.max_doc_len)
@@ -439,14 +477,15 @@ class TrainIterator:
               for i in range(len(records))]
     return q, d, negs
 
-  def pack(self, q, d, negs) -> dict[str, np.ndarray]:
+  def pack(self, q, d, negs, source: Optional[str] = None) -> dict[str, np.ndarray]:
     """The packed batch of token lists (see the module docstring), each chunk's units
-    balanced first (input.pack_balance)."""
+    balanced first (input.pack_balance), in `source`'s rows (None: the most)."""
     if self.balanced_units > 1:
       tokens = np.array([len(a) + len(b) + sum(map(len, ns)) for a, b, ns in zip(q, d, negs)])
       order = packing.chunk_balanced_order(tokens, self.balanced_units, self.pack_chunks)
       q, d, negs = ([x[i] for i in order] for x in (q, d, negs))
-    return packing.pack_batch(q, d, negs, self.local_units, self.pack_rows, self.pack_length,
+    rows = self.source_rows[source] if source is not None else self.pack_rows
+    return packing.pack_batch(q, d, negs, self.local_units, rows, self.pack_length,
                               self.tokenizer.pad_id)
 
   # -- Iteration with background prefetch -----------------------------------

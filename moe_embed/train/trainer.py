@@ -246,10 +246,7 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
   config = run.config
   with partitioning.activate(run.mesh, run.rules), _Preemption() as preemption:
     first = next(run.batches)
-    compile_start = time.time()
-    compiled = run.step_fn.lower(run.state, _global_batch(first, run.batch_sharding)).compile()
-    _log_compiled(compiled, time.time() - compile_start)
-    run.planned_bytes = _planned_bytes(compiled)
+    steps = _compile_steps(run, first)
     pending = first
     bar = tqdm.tqdm(total=config.total_steps, initial=run.start_step, desc="train",
                     disable=not run.is_chief, dynamic_ncols=True)
@@ -261,6 +258,11 @@ def _train(run: _Run, stop_at_step: Optional[int]) -> tuple[int, dict[str, float
     while step < config.total_steps:
       local = pending if pending is not None else next(run.batches)
       pending = None
+      compiled = steps.get(_shape_key(local))
+      if compiled is None:
+        raise RuntimeError(f"Step {step + 1}'s batch has shapes {_shape_key(local)}, none of "
+                           f"the {len(steps)} compiled at start-up; the iterator's "
+                           "row_shapes must list every packed shape it yields.")
       run.state, metrics = compiled(run.state, _global_batch(local, run.batch_sharding))
       window.append(metrics)
       step += 1
@@ -314,6 +316,37 @@ def _check_finite(run: _Run, window: list[dict[str, Any]], step: int) -> None:
         f"Training diverged at step {first + offset}: loss={loss}, grad_norm={grad_norm}. "
         f"Nothing after it was saved; {where}. Lower optimizer.learning_rate (now "
         f"{run.config.optimizer.learning_rate}) or raise optimizer.warmup_steps.")
+
+
+def _shape_key(batch: dict[str, np.ndarray]) -> tuple:
+  """What tells one compiled step from another: the shapes of the batch's arrays."""
+  return tuple(sorted((k, v.shape) for k, v in batch.items()))
+
+
+def _compile_steps(run: _Run, first: dict[str, np.ndarray]) -> dict[tuple, Any]:
+  """The train step compiled for every batch shape the iterator yields, keyed by
+  `_shape_key`: one, or with input.pack_shapes one per row count, all at start-up
+  so that no step compiles midway. Sets `run.planned_bytes` to the largest plan."""
+  shapes = {_shape_key(first): first}
+  packed = run.batches.packing
+  units = run.batches.local_units if packed else 0
+  rows_shaped = ("packed_ids", "packed_segment_ids", "packed_positions")  # [units * rows, L]
+  for rows in run.batches.row_shapes if packed else []:
+    # Stand-in batch of that shape (only lowered, never run).
+    batch = {k: np.zeros((units * rows,) + v.shape[1:], v.dtype) if k in rows_shaped else v
+             for k, v in first.items()}
+    shapes.setdefault(_shape_key(batch), batch)
+  steps, planned = {}, []
+  for key, batch in shapes.items():
+    start = time.time()
+    compiled = run.step_fn.lower(run.state, _global_batch(batch, run.batch_sharding)).compile()
+    rows = (f" for {batch['packed_ids'].shape[0] // units} rows per packing unit"
+            if len(shapes) > 1 else "")
+    _log_compiled(compiled, time.time() - start, rows)
+    steps[key] = compiled
+    planned.append(_planned_bytes(compiled))
+  run.planned_bytes = max((p for p in planned if p is not None), default=None)
+  return steps
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -425,7 +458,7 @@ def _out_of_memory(error: Exception, config: ml_collections.ConfigDict,
       f"encoder.remat=True (now {config.encoder.get('remat', False)}).")
 
 
-def _log_compiled(compiled, seconds: float) -> None:
+def _log_compiled(compiled, seconds: float, what: str = "") -> None:
   flops = None
   try:
     cost = compiled.cost_analysis()
@@ -434,6 +467,7 @@ def _log_compiled(compiled, seconds: float) -> None:
   except Exception:  # pylint: disable=broad-except  (not every backend reports costs)
     pass
   if flops:
-    logging.info("Compiled train step in %.1fs: %.3g FLOPs per step per device.", seconds, flops)
+    logging.info("Compiled train step%s in %.1fs: %.3g FLOPs per step per device.", what,
+                 seconds, flops)
   else:
-    logging.info("Compiled train step in %.1fs.", seconds)
+    logging.info("Compiled train step%s in %.1fs.", what, seconds)
