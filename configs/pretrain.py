@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 8e-5
   c.optimizer.warmup_steps = 1000
   # Padding-free: the embedded corpus is 38% real tokens at 128/128; packed rows are
-  # 73-87% real, 1.75-2.9x the real tokens/s of padded steps (benchmarks/packing.py).
+  # 87-90% real, 2.3-3.4x the real tokens/s of padded steps (benchmarks/packing.py).
   c.input.packing = True
   # Each block of 8 batches of a source is dealt among them by tokens before packing,
   # so rows sized for the heaviest step sit closer to the mean (fill 0.81 -> 0.85 at

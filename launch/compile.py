@@ -78,7 +78,8 @@ _REAL_SHARE = flags.DEFINE_float(
     "input.packing the length mix its rows are sized for; 0 = not.")
 _PACK_ROWS = flags.DEFINE_integer(
     "pack_rows", 0, "With input.packing: rows per packing unit, as the trainer logs them for "
-    "its data; 0 = sized for --real_token_share (or, without it, for texts at full width).")
+    "its data (with input.pack_shapes > 1, the largest: the memory bound); 0 = sized for "
+    "--real_token_share (or, without it, for texts at full width).")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 1024 ** 3
