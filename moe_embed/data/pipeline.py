@@ -133,7 +133,7 @@ class InputConfig:
   # block. Every process reads and tokenises each whole block.
   pack_balance_steps: int = 1
   # Distinct row counts a packed step may have. Sources need different rows (on the
-  # embedded corpus at 128/128 and batch 32, `code` 30 and `methods` 21), so with one
+  # embedded corpus at 128/128 and batch 32, `code` 30 rows and `methods` 23), so with one
   # shape the light sources' steps run the heaviest one's rows. With more, sources are
   # grouped by need (the groups that waste the fewest rows per step by sampling
   # weight), each group sized for its heaviest source; the trainer compiles every
