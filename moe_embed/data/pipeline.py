@@ -319,11 +319,6 @@ class TrainIterator:
     """The distinct rows per unit of packed steps, fewest first (one compile each)."""
     return sorted(set(self.source_rows.values()))
 
-  def size_pack_rows(self, sample: int = PACK_SAMPLE) -> int:
-    """Rows per packing unit from the token lengths of each source's first `sample`
-    examples (the same on every process; see packing.size_rows)."""
-    return max(self.size_source_rows(sample, shapes=1).values())
-
   def size_source_rows(self, sample: int = PACK_SAMPLE, shapes: int = 0) -> dict[str, int]:
     """Source -> rows per packing unit of its steps, from the token lengths of each
     source's first `sample` examples (`packing.size_source_rows`), in at most `shapes`
