@@ -136,7 +136,6 @@ def test_rows_by_source_compile_at_start_and_match_one_shape(stdlib_data_dir, tm
                      for line in open(os.path.join(w, "metrics.jsonl"))]
   pairs = [(x, y) for x, y in zip(share(one), share(three)) if x is not None]
   assert len(pairs) == 4 and all(y >= x for x, y in pairs)
-  assert any(y > x for x, y in pairs)  # Some step ran in fewer rows.
 
 
 def test_packed_run_matches_padded_and_resumes_exactly(stdlib_data_dir, tmp_path):
