@@ -185,16 +185,37 @@ def test_int8_graph_is_close_to_float32(which, request):
     np.testing.assert_allclose(alone[0], got[j], atol=2e-6)
 
 
+def _pairwise_saturated_product(xq: np.ndarray, q: np.ndarray) -> np.ndarray:
+  """xq uint8 [T, in] @ q int8 [in, out] as x86's vpmaddubsw sums it: each pair of
+  adjacent products saturated to int16 before the int32 sum (AVX2 without VNNI)."""
+  t, n = xq.shape
+  pairs = xq.astype(np.int64).reshape(t, 1, n // 2, 2) * q.T.astype(np.int64).reshape(
+      1, -1, n // 2, 2)  # [T, out, in/2, 2]
+  return np.clip(pairs.sum(-1), -32768, 32767).sum(-1)
+
+
 def test_int8_matmul_equals_a_numpy_per_token_quantization(tmp_path):
   """One weight MatMul through quantize_int8 against NumPy: uint8 per token over
-  [min(x, 0), max(x, 0)], int8 symmetric per column, integer product, both scales."""
+  [min(x, 0), max(x, 0)], int8 symmetric per column, integer product, both scales.
+
+  The inputs saturate a uint8 x int8 product summed in int16 pairs (onnxruntime's
+  kernel on x86 CPUs with AVX2 but no VNNI) in both directions, and give tokens
+  zero points at both ends of uint8 (0: no negative value; 255: no positive one)
+  and in between."""
   from onnx import TensorProto, helper, numpy_helper
   rng = np.random.default_rng(0)
   kernel = rng.normal(size=(48, 24)).astype(np.float32)
   kernel[:, 3] = 0.0  # An all-zero column.
+  kernel[:, 5] = 0.7  # Every weight of a column at its maximum: q = 127,
+  kernel[:, 6] = -0.7  # and at its minimum: q = -127.
+  kernel[::2, 7], kernel[1::2, 7] = 2.0, -2.0  # Alternating signs.
   x = rng.normal(size=(2, 5, 48)).astype(np.float32) * rng.uniform(0.1, 30, (2, 5, 1))
-  x[0, 1] = np.abs(x[0, 1])  # A token with no negative value,
-  x[1, 4] = 0.0  # and one that is all zeros (padding).
+  x[0, 1] = np.abs(x[0, 1])  # No negative value: zero point 0,
+  x[0, 2] = -np.abs(x[0, 2])  # no positive one: zero point 255,
+  x[0, 3] = 5.0  # every value at the token's maximum: xq = 255 throughout,
+  x[0, 4] = -5.0  # and at its minimum: xq = 0, zero point 255.
+  x[1, 0, ::2], x[1, 0, 1::2] = 3.0, -3.0  # Both signs at full range.
+  x[1, 4] = 0.0  # All zeros (padding).
   x = x.astype(np.float32)
   graph = helper.make_graph(
       [helper.make_node("MatMul", ["x", "w"], ["y"], name="layer_0/mlp/fc1")], "g",
@@ -206,7 +227,12 @@ def test_int8_matmul_equals_a_numpy_per_token_quantization(tmp_path):
   src, dst = str(tmp_path / "f32.onnx"), str(tmp_path / "int8.onnx")
   onnx.save_model(model, src)
   onnx_export.quantize_int8(src, dst)
-  assert [n.op_type for n in onnx.load(dst).graph.node].count("MatMul") == 0
+  quantized = onnx.load(dst)
+  assert [n.op_type for n in quantized.graph.node].count("MatMul") == 0
+  # uint8 x uint8 (weights q + 128, zero point 128): the product that no x86 kernel saturates.
+  (product,) = [n for n in quantized.graph.node if n.op_type == "MatMulInteger"]
+  consts = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+  assert consts[product.input[1]].dtype == np.uint8 and int(consts[product.input[3]]) == 128
   got = ort.InferenceSession(dst, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
   col = np.abs(kernel).max(0) / 127
@@ -216,13 +242,18 @@ def test_int8_matmul_equals_a_numpy_per_token_quantization(tmp_path):
   low, high = np.minimum(rows.min(1), 0), np.maximum(rows.max(1), 0)
   scale = np.maximum(high - low, 1e-30) / 255
   zero = np.rint(-low / scale)
+  assert {0, 255} <= set(zero[:9].astype(int)) and ((zero > 0) & (zero < 255)).any()
   xq = np.clip(np.rint(rows / scale[:, None]) + zero[:, None], 0, 255)
-  want = ((xq - zero[:, None]) @ q) * scale[:, None] * col
+  exact = xq.astype(np.int64) @ q.astype(np.int64)
+  saturated = _pairwise_saturated_product(xq, q)
+  # The inputs do saturate an int16-pair product, upwards and downwards.
+  assert (saturated < exact).any() and (saturated > exact).any()
+  want = (exact - zero[:, None] * q.sum(0)) * scale[:, None] * col
   np.testing.assert_allclose(got.reshape(-1, 24), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   np.testing.assert_array_equal(got[1, 4], 0.0)
   # And the quantization is close to the float product (8 bits: about 1% of its scale).
-  exact = rows @ kernel
-  assert np.abs(want - exact).max() <= 0.02 * np.abs(exact).max()
+  exact_float = rows @ kernel
+  assert np.abs(want - exact_float).max() <= 0.02 * np.abs(exact_float).max()
 
 
 def test_moe_graph_routes_each_token_to_the_jax_experts(moe):

@@ -426,6 +426,8 @@ def save(model, path: str) -> None:
 # cannot move a token to other experts.
 FLOAT_MATMULS = ("/router",)
 _INT8_MAX = 127.0
+# The weights' zero point: int8 q is stored as uint8 q + 128 (see `_int8_matmul`).
+_WEIGHT_ZERO = 128
 
 
 def _quantize_columns(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -443,10 +445,14 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   max(x_row, 0)], so a batch's long texts and outliers cannot coarsen its other
   texts' rounding (onnxruntime's dynamic quantization takes one range per tensor:
   the worst text of a padded MiniLM batch fell to cosine 0.981 with it). Kernels
-  are int8 symmetric per output column. MatMulInteger (uint8 x int8, the fast
-  path of onnxruntime's CPU kernels) accumulates in int32; each token's zero point
-  comes out through the kernel's column sums, exactly in int32 (|sums| <= 255 *
-  127 * in < 2^31), before one scale per token and one per column.
+  are int8 symmetric per output column, stored as uint8 q + 128 with the weight
+  zero point 128, so MatMulInteger multiplies uint8 x uint8: onnxruntime's x86
+  uint8 x int8 kernel for AVX2 without VNNI (vpmaddubsw) saturates each pair of
+  products at int16 (2 x 255 x 127 > 32767), which gave sums off by up to 80%
+  on such CPUs; its uint8 x uint8 kernels widen to int16 first and are exact on
+  every CPU. The product accumulates in int32; each token's zero point comes out
+  through the kernel's column sums, exactly in int32 (|sums| <= 255 * 127 * in <
+  2^31), before one scale per token and one per column.
   """
   from onnx import helper
   q, col_scale = _quantize_columns(kernel)
@@ -458,7 +464,9 @@ def _int8_matmul(g: _Graph, x: str, kernel: np.ndarray, name: str, out: str) -> 
   scale = g.op("Div", g.op("Max", g.op("Sub", high, low), g.const(1e-30)), g.const(255.0))
   zero = g.op("Cast", g.op("Round", g.op("Div", g.op("Neg", low), scale)), to=2)  # uint8 [T]
   xq = g.op("QuantizeLinear", rows, scale, zero, axis=0)  # uint8 [T, in]
-  acc = g.op("MatMulInteger", xq, g.const(q, f"{name}/kernel_int8", dtype=np.int8),
+  kernel_u8 = g.const(q.astype(np.int16) + _WEIGHT_ZERO, f"{name}/kernel_uint8",
+                      dtype=np.uint8)  # [in, out]: q + 128
+  acc = g.op("MatMulInteger", xq, kernel_u8, "", g.const(_WEIGHT_ZERO, dtype=np.uint8),
              name=f"{name}/int8")  # int32 [T, out]: sum_i xq_ti q_ij
   column_sums = g.const(q.astype(np.int32).sum(0), f"{name}/kernel_sums", dtype=np.int32)
   zero_rows = g.op("Unsqueeze", g.op("Cast", zero, to=6), g.int64([1]))
