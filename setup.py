@@ -12,7 +12,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["moe_embed", "moe_embed.*"]),
-    python_requires=">=3.10",
+    # jax 0.10.2, the oldest jax allowed, needs Python 3.11.
+    python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.13",

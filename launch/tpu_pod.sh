@@ -107,7 +107,7 @@ REMOTE_SCRIPT=$(cat <<REMOTE
 set -euo pipefail
 if [[ ! -d moe-embed ]]; then git clone --branch ${BRANCH} ${REPO_URL} moe-embed; fi
 cd moe-embed && git fetch -q origin ${BRANCH} && git checkout -q origin/${BRANCH}
-pip install -q -e '.[tpu]'
+pip install -q -c constraints.txt -e '.[tpu]'
 # Exit 143: SIGTERM (a maintenance event) arrived and a checkpoint was saved;
 # run again to resume from it. Any other failure stops the job.
 until python3 launch/train.py --distributed --workdir=$(printf '%q' "${WORKDIR}")${TRAIN_ARGS}; do
