@@ -56,7 +56,11 @@ def test_grad_cache_gradients_equal_plain_step(shards, chunk):
     np.testing.assert_allclose(float(extras2[key]), float(extras1[key]), rtol=1e-5)
   assert float(extras1["load_balancing_loss"]) > 0.5  # The router losses are really present.
   assert np.any(np.asarray(grads1["model"]["encoder"]["layer_1"]["mlp"]["router"]["kernel"]))
-  assert_trees_close(grads2, grads1)
+  assert_trees_close(grads2["model"], grads1["model"])
+  # d loss / d log(temperature) sums B * (B + B*N) logits over 2 Matryoshka widths and both
+  # directions: float32 summation order shows (jax 0.12 on 8 devices: 1.45e-5 relative).
+  np.testing.assert_allclose(float(grads2["log_temperature"]), float(grads1["log_temperature"]),
+                             rtol=1e-4)
 
 
 def test_split_chunks_takes_every_shard():
