@@ -18,6 +18,7 @@ from configs import finetune, pretrain
 from moe_embed.data import packing
 from moe_embed.model import param_count
 from moe_embed.model.config import EncoderConfig
+from tests.hlo_ops import compiled_result_bytes, lowered_operand_shapes
 
 pytest.importorskip("libtpu")
 
@@ -137,6 +138,29 @@ def test_packed_step_compiles_with_rows_sized_for_a_length_mix(v5p8):
       config, EncoderConfig.from_dict(dict(config.encoder)), 0.5)
   assert result["tokens_per_step"] == 16 * (16 + 11 * 16) // 2
   assert f"s32[{rows},16]" in compiled.as_text()  # One device's rows.
+
+
+def test_replicated_experts_compute_each_chips_own_assignments(v5p8):
+  """mesh.expert=1: each chip routes and multiplies its own tokens' T x K / chips
+  assignments, and no all-gather or all-reduce grows with the tokens.
+
+  Compiled at two text lengths with the same texts: collectives that carry tokens
+  (every chip's expert assignments, gathered for a global dispatch) would double;
+  those of the loss (embeddings, one per text) and the gradients stay.
+  """
+  collectives = {}
+  for length in (16, 32):
+    config = _tiny(expert=1)
+    config.input.packing = False
+    config.input.max_query_len = config.input.max_doc_len = length
+    k, texts = config.encoder.top_k, 16 * (1 + config.input.num_negatives)
+    _, lowered = aot.lower_step(config, *v5p8)
+    # The grouped matmuls' rows (the first operand's, forward and backward): one chip's.
+    rows = {shapes[0][0] for shapes in lowered_operand_shapes(lowered, "chlo.ragged_dot")}
+    assert rows == {16 * length * k // 4, texts * length * k // 4}, (length, rows)
+    compiled = lowered.compile()
+    collectives[length] = sorted(compiled_result_bytes(compiled, ("all-gather", "all-reduce")))
+  assert collectives[16] == collectives[32]
 
 
 def test_padded_exchange_lowers_no_ragged_all_to_all(v5p8):

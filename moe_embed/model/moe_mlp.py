@@ -3,9 +3,10 @@
 Replaces the dense MLP in every MoE layer of the encoder. The experts compute
 w2^T act(w1 x [+ w1_bias]); their k outputs are summed with the router weights
 and one shared output bias is added, as in the released model. The dispatch
-path is `config.moe_dispatch`: 'dropless' (local, or expert-parallel when the
-logical-axis rules put 'exp' on mesh axes of more than one device, exchanging
-tokens as `config.expert_exchange` says) or 'capacity'.
+path is `config.moe_dispatch`: 'dropless' (expert-parallel when the logical-axis
+rules put 'exp' on mesh axes of more than one device, exchanging tokens as
+`config.expert_exchange` says; with experts on every device, each device runs
+its own tokens; without a mesh, local) or 'capacity'.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ class RouterKernel(nn.Module):
         (cfg.hidden_size, cfg.num_experts), jnp.float32)
 
 
-def _expert_placement(num_tokens: int):
-  """Expert parallelism from the current mesh and logical-axis rules, or None."""
-  where = expert_parallel.placement(nn.logical_to_mesh_axes(("exp",))[0],
-                                    nn.logical_to_mesh_axes(("batch",))[0])
-  return where if where is not None and where.applies(num_tokens) else None
+def _expert_placement() -> expert_parallel.Placement | None:
+  """Where experts and tokens live, from the current mesh and logical-axis rules."""
+  return expert_parallel.placement(nn.logical_to_mesh_axes(("exp",))[0],
+                                   nn.logical_to_mesh_axes(("batch",))[0])
 
 
 class MoeMlp(nn.Module):
@@ -81,12 +81,15 @@ class MoeMlp(nn.Module):
       # Kernel and exchange for the devices of the mesh (not the host's backend).
       platform = expert_parallel.mesh_platform()
       kernel_name = grouped_matmul.kernel_for_backend(cfg.grouped_matmul, platform)
-      where = _expert_placement(flat.shape[0])
-      if where is not None:
+      where = _expert_placement()
+      if where is not None and where.applies(flat.shape[0]):
         y = expert_parallel.dropless(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
                                      where=where, kernel=kernel_name,
                                      exchange=expert_parallel.exchange_for_backend(
                                          cfg.expert_exchange, platform))
+      elif where is not None and where.applies_per_device(flat.shape[0]):
+        y = expert_parallel.per_device(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
+                                       where=where, kernel=kernel_name)
       else:
         y = experts.dropless_experts(flat, route, cast(w1), cast(w2), cast(w3), w1_bias,
                                      kernel_name)

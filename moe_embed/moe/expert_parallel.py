@@ -96,13 +96,26 @@ class Placement:
     """EP: devices the experts are split over."""
     return self.size(self.expert_axes)
 
+  @property
+  def num_token_shards(self) -> int:
+    """Devices the tokens are split over."""
+    return self.size(self.token_axes)
+
   def applies(self, num_tokens: int) -> bool:
     """Whether to exchange tokens: experts split over > 1 device, tokens that split evenly.
 
     Otherwise (e.g. encoding an odd-sized batch under a training mesh) the local
     dropless path runs and the compiler gathers the expert weights it needs.
     """
-    return self.num_expert_shards > 1 and num_tokens % self.size(self.token_axes) == 0
+    return self.num_expert_shards > 1 and num_tokens % self.num_token_shards == 0
+
+  def applies_per_device(self, num_tokens: int) -> bool:
+    """Whether each device should run its own tokens through all experts (`per_device`).
+
+    Experts on every device (not split), tokens split evenly over > 1 device.
+    """
+    return (self.num_expert_shards == 1 and self.num_token_shards > 1
+            and num_tokens % self.num_token_shards == 0)
 
 
 def current_mesh():
@@ -167,6 +180,37 @@ def dropless(x: jax.Array, route: Routing, w1, w2, w3=None, w1_bias=None, *,
     return experts_lib.combine(per_assignment, weights)
 
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=tok,
+                       check_vma=False)(*args)
+
+
+def per_device(x: jax.Array, route: Routing, w1, w2, w3=None, w1_bias=None, *,
+               where: Placement, kernel: str = "windowed") -> jax.Array:
+  """Dropless MoE (no shared bias) with every expert on every device: x [T, D] -> [T, D].
+
+  Each device sorts and multiplies only its own T / devices tokens (tokens split
+  over `where.token_axes`). Run on the global token array instead, the dispatch
+  scatter's positions are global and data dependent, so the SPMD partitioner
+  gathers every token's assignments [T*K, D] onto every device and each device
+  runs the experts of the whole batch.
+  """
+  mesh = where.mesh
+  tok = P(where.token_axes or None)
+  constrain = lambda a: jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, tok))
+  weights = {"w1": w1, "w2": w2, "w3": w3, "w1_bias": w1_bias}
+  names = [k for k, v in weights.items() if v is not None]
+
+  def local(x, expert_ids, route_weights, valid, *rest):
+    w = dict(zip(names, rest))
+    rows = jnp.repeat(x, expert_ids.shape[1], axis=0)  # [T_local*K, D]
+    out = experts_lib.expert_rows(rows, expert_ids.reshape(-1),
+                                  jnp.repeat(valid, expert_ids.shape[1]), w["w1"], w["w2"],
+                                  w.get("w3"), w.get("w1_bias"), kernel)
+    return experts_lib.combine(out, route_weights)
+
+  args = [constrain(x), constrain(route.experts), constrain(route.weights),
+          constrain(route.valid)] + [weights[k] for k in names]
+  specs = (tok,) * 4 + (P(),) * len(names)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tok,
                        check_vma=False)(*args)
 
 
