@@ -96,7 +96,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.model = model
   # Architecture (see moe_embed/model/config.py). For a model folder, only the
   # runtime fields (dtype, remat, moe_dispatch, capacity_factor, grouped_matmul,
-  # expert_exchange) apply.
+  # expert_exchange, attention) apply.
   c.encoder = encoder_fields(model)
   c.encoder.dtype = "bfloat16"  # Compute dtype; params, router and loss stay float32.
   # Tokenizer: '' = the model folder's, else the dataset's SentencePiece model.

@@ -8,6 +8,7 @@ nomic_v2_moe compiles are marked slow and their figures live in the README.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -161,6 +162,26 @@ def test_replicated_experts_compute_each_chips_own_assignments(v5p8):
     compiled = lowered.compile()
     collectives[length] = sorted(compiled_result_bytes(compiled, ("all-gather", "all-reduce")))
   assert collectives[16] == collectives[32]
+
+
+def test_tpu_step_attends_with_splash_attention_and_no_length_squared_tensor(v5p8):
+  """encoder.attention='auto' on TPU: packed rows go through the splash kernel with
+  segment ids; no [..., L, L] scores or mask of XLA's attention is left in the
+  program (L = 40, a width no other tensor of the tiny step has). 'xla' has them."""
+  squared = {}
+  for kernel in ("auto", "xla"):
+    config = _tiny(expert=1)
+    config.input.packing = True
+    config.input.max_query_len = config.input.max_doc_len = 40
+    config.encoder.attention = kernel
+    result, compiled = aot.compile_step(config, *v5p8, real_token_share=0.5)
+    assert result["fits"]
+    text = compiled.as_text()
+    squared[kernel] = set(re.findall(r"\b[a-z0-9]+\[[0-9,]*\b40,40\]", text))
+    if kernel == "auto":
+      assert "tpu_custom_call" in text
+  assert not squared["auto"], squared["auto"]
+  assert any(s.startswith("f32[") for s in squared["xla"]), squared["xla"]
 
 
 def test_padded_exchange_lowers_no_ragged_all_to_all(v5p8):

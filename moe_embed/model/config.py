@@ -59,6 +59,9 @@ class EncoderConfig:
   # ragged_all_to_all), 'padded' (worst-case all_to_all buffers) or 'auto'
   # (ragged on GPU and TPU, padded on CPU, which lacks the collective).
   expert_exchange: str = "auto"
+  # Attention kernel: 'xla' (masked, forms [B, H, L, L] scores), 'splash' (TPU Pallas
+  # kernel with segment ids, no [L, L] tensor) or 'auto' (splash on TPU, else xla).
+  attention: str = "auto"
   router_init_std: float = 0.02  # Std of the router's normal init.
   initializer_range: float = 0.02  # Std of the other weights' normal init.
   projection_dim: int = 0  # Optional linear head after pooling; 0 = none.
@@ -73,6 +76,7 @@ class EncoderConfig:
     _check_choice("moe_dispatch", self.moe_dispatch, ("dropless", "capacity"))
     _check_choice("grouped_matmul", self.grouped_matmul, ("auto",) + grouped_matmul.KERNELS)
     _check_choice("expert_exchange", self.expert_exchange, ("auto", "padded", "ragged"))
+    _check_choice("attention", self.attention, ("auto", "xla", "splash"))
     _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
     if self.hidden_size % self.num_heads:
       raise ValueError(
@@ -127,7 +131,7 @@ class EncoderConfig:
 # Fields that change how the model runs, not what it computes; they may be
 # overridden when training starts from a model folder.
 RUNTIME_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "grouped_matmul",
-                  "expert_exchange")
+                  "expert_exchange", "attention")
 
 
 def _field_names() -> list[str]:

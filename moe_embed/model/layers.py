@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_embed.model import attention
 from moe_embed.model.config import EncoderConfig
+from moe_embed.moe import expert_parallel
 
 
 def dtype_of(config: EncoderConfig) -> jnp.dtype:
@@ -133,20 +135,11 @@ class Projection(nn.Module):
     return y
 
 
-def attention_mask(mask: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
-  """bool [B, 1, L or 1, L]: every query sees the real keys, or (packed rows, segment_ids
-  int [B, L], 0 = padding) only those of its own segment: a block-diagonal mask."""
-  if segment_ids is None:
-    return mask[:, None, None, :]
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, L, L]
-  return (same & mask[:, None, :])[:, None]
-
-
 class SelfAttention(nn.Module):
   """Bidirectional multi-head self-attention with a key padding mask, or within segments.
 
-  Packed rows use XLA's attention with a block-diagonal mask: the installed
-  `jax.nn.dot_product_attention` takes no segment ids for its fused paths.
+  The kernel is `config.attention` for the platform of the mesh's devices
+  (`model.attention`): splash attention on TPU, XLA's masked attention elsewhere.
   """
 
   config: EncoderConfig
@@ -172,8 +165,16 @@ class SelfAttention(nn.Module):
       if positions is not None:
         cos, sin = cos[positions], sin[positions]  # [B, L, rot]
       q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask(mask, segment_ids))  # [B, L, H, Dh]
+    platform = expert_parallel.mesh_platform()
+    if attention.kernel_for_platform(cfg.attention, platform) == "splash":
+      mesh = expert_parallel.current_mesh()
+      batch_axes = expert_parallel.placement(None, nn.logical_to_mesh_axes(("batch",))[0])
+      out = attention.splash_attention(
+          q, k, v, mask, segment_ids, mesh=mesh,
+          batch_axes=batch_axes.token_axes if batch_axes is not None else (),
+          interpret=platform != "tpu")  # [B, L, H, Dh]
+    else:
+      out = attention.xla_attention(q, k, v, mask, segment_ids)  # [B, L, H, Dh]
     return Projection("blhk,hkd->bld", (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "kv", "embed"), ("embed",), True, cfg, name="out")(out)
 
