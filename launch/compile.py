@@ -42,9 +42,11 @@ leaves out collectives, so it is the optimistic one.
 
 Exit codes: 0 the step fits; 1 it does not (one line on stderr: the per-chip
 shortfall and the fields that change it), or a bad config or topology. With
---fit, a step that does not fit is compiled again with GradCache chunks and
-remat until the cheapest change that fits is found, printed as --config.
-overrides (exit 0), or exit 1 if none fits.
+--fit, the step is compiled again with other GradCache chunks (none included)
+with and without remat, each candidate printed with its memory and estimate,
+and the fastest that fits by the estimate is printed as --config. overrides
+("Fits with: ...", exit 0; its report is the one --json writes), or exit 1 if
+none fits.
 """
 
 import json
@@ -70,8 +72,8 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU accelerator type (v5p-8, v6e-8, ...) or libtpu topology (v5p:2x2x1).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 _FIT = flags.DEFINE_bool(
-    "fit", False, "If the step does not fit, find the cheapest GradCache chunk / remat that "
-    "does and print it as --config. overrides.")
+    "fit", False, "Compile other GradCache chunks (none included) with and without remat and "
+    "print the fastest that fits, by the step estimate, as --config. overrides.")
 _REAL_SHARE = flags.DEFINE_float(
     "real_token_share", 0.0, "Also report MFU on real tokens for this share of real tokens "
     "per padded text (0.38: the embedded corpus at 128/128, benchmarks/packing.py), and with "
@@ -151,18 +153,21 @@ def main(argv):
       sys.exit(1)
   _print_report(result)
   final = result
-  if not result["fits"] and _FIT.value:
-    print("Searching for the cheapest change that fits:", flush=True)
+  if _FIT.value:
+    print("Searching for the fastest GradCache chunk and remat that fit (each candidate: "
+          "memory per chip, the compiler's step estimate):", flush=True)
     try:
       found = aot.fit(config, topology, result, devices,
                       log=lambda line: print(line, flush=True),
-                      real_token_share=_REAL_SHARE.value or None)
+                      real_token_share=_REAL_SHARE.value or None, pack_rows=_PACK_ROWS.value)
     except aot.CompileError as e:
       print(f"Error: {cli.one_line(e)}", file=sys.stderr)
       sys.exit(1)
     if found is not None:
       fitted, final = found
-      print("Fits with: " + " ".join(aot.overrides(fitted, config)))
+      if final is not result and "real_token_share" in result:
+        final.update(aot.real_token_mfu(fitted, final, _REAL_SHARE.value))
+      print("Fits with: " + (" ".join(aot.overrides(fitted, config)) or "the config as it is"))
       _print_report(final)
   if _JSON.value:
     with cli.atomic_path(_JSON.value) as tmp, open(tmp, "w") as f:

@@ -6,7 +6,7 @@ hard negatives, batch shapes) on the chips of a TPU topology described by
 libtpu (`jax.experimental.topologies`), from abstract state: no weights, no
 data, no TPU. It returns XLA's per-chip memory, the model FLOPs, the
 compiler's estimated step time and the bytes of each collective in the
-compiled program. `fit` searches the cheapest GradCache chunk / remat change
+compiled program. `fit` searches the fastest GradCache chunk / remat setting
 that makes the step fit the chip's HBM. `launch/compile.py` is the command.
 
 Chips are named as Cloud TPU accelerator types (`v5p-8`, `v6e-8`: TensorCores
@@ -462,7 +462,7 @@ def shortfall_line(config: ml_collections.ConfigDict, result: dict[str, Any]) ->
           f"grad_cache_chunk (now {config.grad_cache_chunk}; 0 = off), set encoder.remat=true "
           f"(now {str(bool(config.encoder.remat)).lower()}), or lower batch_size "
           f"({config.batch_size}), input.num_negatives ({config.input.num_negatives}) or "
-          f"input.max_doc_len ({config.input.max_doc_len}); --fit finds the cheapest change.")
+          f"input.max_doc_len ({config.input.max_doc_len}); --fit finds the fastest setting that fits.")
 
 
 # --- Collectives in the compiled HLO ------------------------------------------
@@ -618,11 +618,11 @@ def loop_flop_ratio(hlo_text: str) -> float:
 
 
 def _chunks(config: ml_collections.ConfigDict, shards: int) -> list[int]:
-  """GradCache chunks valid for the config, largest first (each divides batch_size and is
-  a multiple of the batch shards), below the current chunk (or the whole batch)."""
+  """GradCache settings valid for the config, largest first: 0 (no GradCache, the whole
+  batch at once), then each chunk below the batch that divides it and is a multiple of
+  the batch shards."""
   b = config.batch_size
-  below = config.grad_cache_chunk or b
-  return [c for c in range(below - 1, 0, -1) if b % c == 0 and c % shards == 0]
+  return [0] + [c for c in range(b - 1, 0, -1) if b % c == 0 and c % shards == 0]
 
 
 def _with(config: ml_collections.ConfigDict, chunk: int, remat: bool):
@@ -642,67 +642,79 @@ def overrides(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict
   return out
 
 
-def fit(config: ml_collections.ConfigDict, topology: Topology, first: dict[str, Any],
-        devices: list[Any], log=print, real_token_share: Optional[float] = None):
-  """The cheapest (config, report) that fits, or None; `first` is the report of `config`.
+def _step_s(result: dict[str, Any]) -> float:
+  """The estimated step time of a report; infinite where there is none."""
+  return result.get("estimated_step_s") or math.inf
 
-  Cost order: remat alone (one more forward, the whole batch at once), then
-  GradCache chunks from the largest (one more forward, chunks run in turn), then
-  GradCache with remat (two more forwards). For GradCache the search starts at
-  the largest chunk predicted to fit (temporaries in proportion to the rows of a
-  chunk, from the step compiled last) and walks up or down from there: memory
-  falls with the chunk, so it stops at the largest chunk that fits.
+
+def fit(config: ml_collections.ConfigDict, topology: Topology, first: dict[str, Any],
+        devices: list[Any], log=print, real_token_share: Optional[float] = None,
+        pack_rows: int = 0):
+  """The fastest (config, report) that fits by the step estimate, or None.
+
+  `first` is the report of `config`. Candidates: every GradCache setting (none, then
+  chunks from the largest, `_chunks`) with and without remat. Memory falls with the
+  chunk, so for each remat setting the search finds the largest chunk that fits
+  (starting at the chunk its memory predicts: temporaries in proportion to the rows of
+  a chunk, from the step compiled last) and then compiles the next smaller one too,
+  since a smaller chunk is rarely faster. Each compiled candidate is logged with its
+  memory and estimate; the fastest that fits wins (ties: the first tried).
   """
   shards = partitioning.batch_shards(*run_config.mesh_and_rules(config, devices))
   hbm = topology.chip.hbm_bytes
   tried: dict[tuple[int, bool], dict[str, Any]] = {
       (int(config.grad_cache_chunk), bool(config.encoder.remat)): first}
 
+  def describe(chunk: int, remat: bool, result: dict[str, Any]) -> None:
+    mem = result["memory_bytes_per_chip"]["total"]
+    step = f"est. {result['estimated_step_s']:.4g} s" if result["estimated_step_s"] \
+        else "no estimate"
+    log(f"  --config.grad_cache_chunk={chunk} --config.encoder.remat={str(remat).lower()}: "
+        f"{mem / GiB:.1f} GiB per chip ({'fits' if result['fits'] else 'does not fit'}), "
+        f"{step} (compiled in {result['compile_s']:.0f} s)")
+
   def attempt(chunk: int, remat: bool) -> dict[str, Any]:
     if (chunk, remat) not in tried:
-      result, _ = compile_step(_with(config, chunk, remat), topology, devices,
-                               real_token_share=real_token_share)
-      mem = result["memory_bytes_per_chip"]["total"]
-      log(f"  --config.grad_cache_chunk={chunk} --config.encoder.remat={str(remat).lower()}: "
-          f"{mem / GiB:.1f} GiB per chip ({'fits' if result['fits'] else 'does not fit'}; "
-          f"compiled in {result['compile_s']:.0f} s)")
+      result, _ = compile_step(_with(config, chunk, remat), topology, devices, pack_rows,
+                               real_token_share)
       tried[(chunk, remat)] = result
+      describe(chunk, remat, result)
     return tried[(chunk, remat)]
 
-  def predicted_start(chunks: list[int], reference: dict[str, Any], rows: int) -> int:
-    mem = reference["memory_bytes_per_chip"]
+  describe(int(config.grad_cache_chunk), bool(config.encoder.remat), first)
+
+  def rows_of(chunk: int) -> int:
+    return chunk or config.batch_size
+
+  def predicted_start(chunks: list[int], reference: tuple[int, dict[str, Any]]) -> int:
+    rows, report_ = reference
+    mem = report_["memory_bytes_per_chip"]
     fixed = mem["total"] - mem["temporaries"]
     per_row = mem["temporaries"] / rows
     for i, chunk in enumerate(chunks):
-      if fixed + per_row * chunk <= hbm:
+      if fixed + per_row * rows_of(chunk) <= hbm:
         return i
     return len(chunks) - 1
 
-  def largest_fitting(chunks: list[int], remat: bool, reference, rows) -> Optional[int]:
-    """chunks descending (memory falling): the first that fits, walking from a prediction."""
-    if not chunks:
-      return None
-    i = predicted_start(chunks, reference, rows)
+  chunks = _chunks(config, shards)
+  reference = (rows_of(int(config.grad_cache_chunk)), first)
+  for remat in (bool(config.encoder.remat), not config.encoder.remat):
+    same_remat = [(c, r) for (c, r) in tried if r == remat]
+    if same_remat:
+      c = same_remat[0][0]
+      reference = (rows_of(c), tried[(c, remat)])
+    i = predicted_start(chunks, reference)
     if attempt(chunks[i], remat)["fits"]:
       while i > 0 and attempt(chunks[i - 1], remat)["fits"]:
         i -= 1
-      return chunks[i]
-    while i + 1 < len(chunks):
+    else:
+      while i + 1 < len(chunks) and not attempt(chunks[i + 1], remat)["fits"]:
+        i += 1
       i += 1
-      if attempt(chunks[i], remat)["fits"]:
-        return chunks[i]
+    if i + 1 < len(chunks):  # The next smaller chunk, in case it is faster.
+      attempt(chunks[i + 1], remat)
+  fitting = [(k, r) for k, r in tried.items() if r["fits"]]
+  if not fitting:
     return None
-
-  remat, chunk = bool(config.encoder.remat), int(config.grad_cache_chunk)
-  rows = chunk or config.batch_size
-  if not chunk and not remat and attempt(0, True)["fits"]:
-    return _with(config, 0, True), tried[(0, True)]
-  chunks = _chunks(config, shards)
-  plans = [(chunks, remat, first)]
-  if not remat:
-    plans.append((([chunk] if chunk else []) + chunks, True, tried.get((0, True), first)))
-  for candidates, use_remat, reference in plans:
-    best = largest_fitting(candidates, use_remat, reference, rows)
-    if best is not None:
-      return _with(config, best, use_remat), tried[(best, use_remat)]
-  return None
+  (chunk, remat), best = min(fitting, key=lambda item: _step_s(item[1]))
+  return _with(config, chunk, remat), best
